@@ -1,0 +1,234 @@
+"""The training engine: config, loaders, optimizer and schedule, one epoch of training, evaluation.
+
+Nothing here knows about MLflow: `fit` calls `on_epoch(epoch, metrics, state)` after every epoch
+and the tracking layer logs what it is handed.
+"""
+
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from trainer.augment import EpochSampler, build_augment
+from trainer.data import MNIST_MEAN, MNIST_STD, MNISTDataset, load_mnist
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("none", "step", "onecycle", "cosine")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+EVAL_BATCH = 2000  # large eval batches under inference_mode: evaluation stays a small share of an epoch
+SYNC_EVERY = 20  # steps between host syncs (progress bar refresh and the non-finite loss check)
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration of one training run (logged as the run's params)."""
+
+    model: str
+    epochs: int
+    batch_size: int
+    optimizer: str
+    lr: float
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    scheduler: str
+    step_size: int
+    gamma: float
+    pct_start: float
+    div_factor: float
+    final_div_factor: float
+    augment: str
+    dropout: float
+    seed: int = 1
+    device: str = "auto"
+    amp: bool = False
+    compile: bool = False
+    subset: int | None = None
+    workers: int | None = None
+    data_dir: str = "./data"
+
+    @classmethod
+    def from_recipe(cls, model: str, recipe: dict, **overrides):
+        """The variant's recipe, with every override that is not None on top."""
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in recipe.items() if k in names}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(model=model, **values)
+
+    def as_params(self) -> dict:
+        return asdict(self)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available[name]:
+        raise ValueError(f"device {name!r} is not available on this machine")
+    return torch.device(name)
+
+
+def default_workers() -> int:
+    """Augmentation workers: one core stays with the training process, the rest augment."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def make_loaders(cfg: Config, device: torch.device):
+    """Train loader (augmented, reproducible order) and test loader (never augmented)."""
+    workers = default_workers() if cfg.workers is None else cfg.workers
+    pin = device.type == "cuda"
+    x_train, y_train = load_mnist(cfg.data_dir, train=True, subset=cfg.subset)
+    x_test, y_test = load_mnist(cfg.data_dir, train=False, subset=cfg.subset)
+    train_set = MNISTDataset(x_train, y_train, build_augment(cfg.augment))
+    sampler = EpochSampler(len(train_set), cfg.seed)
+    train = torch.utils.data.DataLoader(
+        train_set,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    test_images = (x_test.float().unsqueeze(1) / 255.0 - MNIST_MEAN) / MNIST_STD  # `none`, done once
+    test = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(test_images, y_test), batch_size=EVAL_BATCH, pin_memory=pin
+    )
+    return train, test, sampler
+
+
+def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov and cfg.momentum > 0,
+            weight_decay=cfg.weight_decay,
+        )
+    optim = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
+    return optim(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
+    """Every schedule steps once per batch, so all of them are handled the same way."""
+    total = cfg.epochs * steps_per_epoch
+    if cfg.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=cfg.lr,
+            total_steps=total,
+            pct_start=cfg.pct_start,
+            div_factor=cfg.div_factor,
+            final_div_factor=cfg.final_div_factor,
+        )
+    if cfg.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size * steps_per_epoch, gamma=cfg.gamma)
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def autocast(device: torch.device, amp: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, device, amp=False, desc="train") -> dict:
+    """One pass over `loader`. Loss and accuracy are summed on the device; the host syncs every
+    SYNC_EVERY steps only, to refresh the bar and stop at a non-finite loss."""
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0, disable=None)  # off when not a tty
+    for step, (x, y) in enumerate(bar, 1):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, amp):
+            out = model(x)
+            loss = F.cross_entropy(out, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach() * len(y)
+        correct += (out.argmax(1) == y).sum()
+        seen += len(y)
+        if step % SYNC_EVERY == 0 or step == len(loader):
+            mean_loss = loss_sum.item() / seen
+            if not np.isfinite(mean_loss):
+                raise NonFiniteLoss(f"non-finite training loss at step {step} of {desc}")
+            bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{100 * correct.item() / seen:.2f}")
+    return {"train_loss": loss_sum.item() / seen, "train_acc": 100.0 * correct.item() / seen}
+
+
+@torch.inference_mode()
+def evaluate(model, loader, device, amp=False) -> dict:
+    """Test loss and accuracy; `preds` (CPU tensor) feeds the confusion matrix and error grid."""
+    model.eval()
+    loss_sum, preds = torch.zeros((), device=device), []
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, amp):
+            out = model(x)
+        loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
+        preds.append(out.argmax(1))
+    preds = torch.cat(preds).cpu()
+    targets = loader.dataset.tensors[1]
+    return {
+        "test_loss": loss_sum.item() / len(targets),
+        "test_acc": 100.0 * (preds == targets).sum().item() / len(targets),
+        "preds": preds,
+    }
+
+
+def fit(cfg: Config, model, device, on_epoch, start_epoch: int = 1, state: dict | None = None):
+    """Train epochs start_epoch..cfg.epochs; after each, call on_epoch(epoch, metrics, state)."""
+    train_loader, test_loader, sampler = make_loaders(cfg, device)
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer, len(train_loader))
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        seed_everything(cfg.seed * 1_000 + epoch)  # dropout masks depend on (seed, epoch) only
+        sampler.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        t0 = time.perf_counter()
+        metrics = train_one_epoch(
+            model, train_loader, optimizer, scheduler, device, cfg.amp, desc=f"epoch {epoch}/{cfg.epochs}"
+        )
+        metrics.update(evaluate(model, test_loader, device, cfg.amp))
+        metrics.update(lr=lr, epoch_seconds=time.perf_counter() - t0)
+        print(
+            f"epoch {epoch:2d}/{cfg.epochs}  lr {lr:.5f}  train loss {metrics['train_loss']:.4f} "
+            f"acc {metrics['train_acc']:.2f}%  test loss {metrics['test_loss']:.4f} "
+            f"acc {metrics['test_acc']:.2f}%  ({metrics['epoch_seconds']:.1f}s)",
+            flush=True,
+        )
+        state = {
+            "epoch": epoch,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+        }
+        on_epoch(epoch, metrics, state)
+    return test_loader, metrics

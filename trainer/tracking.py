@@ -1,0 +1,192 @@
+"""One MLflow run per training: params, per-epoch metrics, checkpoints, figures and the model.
+
+Store and experiment come from MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME, defaulting to the
+local `sqlite:///mlflow.db` and `mnist8k`. A run that raises ends FAILED; Ctrl-C or SIGTERM ends it
+KILLED; either way the checkpoint of the last completed epoch is already in the run.
+"""
+
+import os
+import random
+import signal
+import subprocess
+import tempfile
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+import torchinfo
+from mlflow.models import infer_signature
+
+import models
+from trainer import plots
+from trainer.augment import build_augment
+from trainer.data import atomic_write, load_mnist
+from trainer.engine import Config, NonFiniteLoss, fit, resolve_device, seed_everything
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "mnist8k"
+TARGET_ACC, PARAM_LIMIT, EPOCH_LIMIT = 99.40, 8000, 15
+CHECKPOINT_TAG = "last_checkpoint"
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that both end the run KILLED."""
+
+
+def setup_tracking() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    mlflow.set_tracking_uri(uri)
+    if not os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`, the run (and its experiment) exists
+        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+    return uri
+
+
+def summarize(history: list[dict], num_params: int, epochs: int) -> dict:
+    """The run's summary metrics, from its per-epoch test accuracies."""
+    accs = [h["test_acc"] for h in history]
+    best = int(np.argmax(accs))
+    last3 = min(accs[-3:])
+    met = last3 >= TARGET_ACC and num_params < PARAM_LIMIT and epochs <= EPOCH_LIMIT
+    return {
+        "best_test_acc": accs[best],
+        "best_epoch": history[best]["epoch"],
+        "best_train_acc": max(h["train_acc"] for h in history),
+        "last3_min_test_acc": last3,
+        "target_met": float(met),
+    }
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def model_summary(model) -> str:
+    return str(torchinfo.summary(model, input_size=(1, 1, 28, 28), verbose=0, device="cpu"))
+
+
+def log_figure(fig, name: str) -> None:
+    mlflow.log_figure(fig, name)
+    plots.plt.close(fig)
+
+
+def checkpoint(state: dict, cfg: Config) -> dict:
+    """Everything a resume needs; only tensors and plain types, so torch.load(weights_only=True) reads it."""
+    np_state = np.random.get_state()
+    return {
+        **state,
+        "rng": {
+            "python": list(random.getstate()[1]),
+            "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+            "torch": torch.get_rng_state(),
+        },
+        "data_order": {"seed": cfg.seed, "epoch": state["epoch"]},
+    }
+
+
+def log_checkpoint(state: dict, cfg: Config, tmpdir: Path) -> None:
+    """Write atomically, log as checkpoints/epoch_NN.pt, then point the tag at it (never at half a file)."""
+    name = f"epoch_{state['epoch']:02d}.pt"
+    path = tmpdir / name
+    buf = tempfile.SpooledTemporaryFile()
+    torch.save(checkpoint(state, cfg), buf)
+    buf.seek(0)
+    atomic_write(path, buf.read())
+    mlflow.log_artifact(str(path), artifact_path="checkpoints")
+    mlflow.set_tag(CHECKPOINT_TAG, f"checkpoints/{name}")
+    path.unlink()
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+        raise Interrupted("SIGTERM")
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def log_model(model, device) -> None:
+    model.eval()
+    example = np.zeros((2, 1, 28, 28), dtype=np.float32)
+    with torch.inference_mode():
+        out = model(torch.from_numpy(example).to(device)).float().cpu().numpy()
+    mlflow.pytorch.log_model(
+        model.cpu(),
+        name="model",
+        signature=infer_signature(example, out),
+        input_example=example,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+    )
+
+
+def train(cfg: Config) -> dict:
+    """Train `cfg` inside one MLflow run; returns the summary metrics."""
+    variant = models.get_variant(cfg.model)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    model = variant.build(cfg.dropout)
+    n_params = models.num_params(model)
+    setup_tracking()
+    history: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        project_run = os.environ.pop("MLFLOW_RUN_ID", None)
+        if project_run:  # under `mlflow run`: that run holds the -P values; the training is its child
+            stack.enter_context(mlflow.start_run(run_id=project_run))
+        run = stack.enter_context(mlflow.start_run(run_name=f"{cfg.model}-s{cfg.seed}", nested=bool(project_run)))
+        try:
+            with sigterm_as_interrupt():
+                mlflow.log_params({**cfg.as_params(), "num_params": n_params, "device": str(device)})
+                mlflow.set_tags(
+                    {
+                        "model": cfg.model,
+                        "description": variant.description,
+                        "git_commit": git_commit() or "unknown",
+                        "torch_version": torch.__version__,
+                        "mlflow_version": mlflow.__version__,
+                        "subset": str(cfg.subset) if cfg.subset else "full",
+                    }
+                )
+                mlflow.log_text(model_summary(model), "model_summary.txt")
+                train_images, _ = load_mnist(cfg.data_dir, train=True, subset=8)
+                log_figure(
+                    plots.augment_preview(train_images.numpy(), build_augment(cfg.augment)), "augment_preview.png"
+                )
+                model.to(device)
+
+                def on_epoch(epoch, metrics, state):
+                    history.append({"epoch": epoch, **{k: v for k, v in metrics.items() if k != "preds"}})
+                    mlflow.log_metrics({k: v for k, v in history[-1].items() if k != "epoch"}, step=epoch)
+                    log_checkpoint(state, cfg, Path(tmp))
+
+                test_loader, last = fit(cfg, model, device, on_epoch)
+                summary = summarize(history, n_params, cfg.epochs)
+                mlflow.log_metrics(summary)
+                log_artifacts_at_end(history, test_loader, last["preds"])
+                log_model(model, device)
+        except NonFiniteLoss as e:
+            mlflow.set_tag("failure_reason", str(e))
+            raise
+        except KeyboardInterrupt:
+            mlflow.end_run("KILLED")
+            raise
+    print(f"run {run.info.run_id}: " + ", ".join(f"{k} {v:g}" for k, v in summary.items()))
+    return summary
+
+
+def log_artifacts_at_end(history, test_loader, preds) -> None:
+    targets = test_loader.dataset.tensors[1].numpy()
+    images = test_loader.dataset.tensors[0][:, 0].numpy()
+    log_figure(plots.curves(history), "curves.png")
+    log_figure(plots.confusion_matrix(targets, preds.numpy()), "confusion_matrix.png")
+    log_figure(plots.misclassified(images, targets, preds.numpy()), "misclassified.png")
