@@ -104,6 +104,7 @@ def make_loaders(cfg: Config, device: torch.device):
         train_set,
         batch_size=cfg.batch_size,
         sampler=sampler,
+        generator=torch.Generator().manual_seed(cfg.seed),  # never draws from the global RNG (dropout's)
         num_workers=workers,
         pin_memory=pin,
         persistent_workers=workers > 0,
@@ -111,7 +112,10 @@ def make_loaders(cfg: Config, device: torch.device):
     )
     test_images = (x_test.float().unsqueeze(1) / 255.0 - MNIST_MEAN) / MNIST_STD  # `none`, done once
     test = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(test_images, y_test), batch_size=EVAL_BATCH, pin_memory=pin
+        torch.utils.data.TensorDataset(test_images, y_test),
+        batch_size=EVAL_BATCH,
+        pin_memory=pin,
+        generator=torch.Generator(),
     )
     return train, test, sampler
 

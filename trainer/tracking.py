@@ -17,6 +17,7 @@ import mlflow
 import numpy as np
 import torch
 import torchinfo
+from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
 import models
@@ -36,11 +37,27 @@ class Interrupted(KeyboardInterrupt):
 
 
 def setup_tracking() -> str:
+    """Point MLflow at the store and experiment; returns the tracking URI."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
     mlflow.set_tracking_uri(uri)
     if not os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`, the run (and its experiment) exists
-        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
+        if mlflow.get_experiment_by_name(name) is None:
+            create_experiment(name, uri)
+        mlflow.set_experiment(name)
     return uri
+
+
+def create_experiment(name: str, uri: str) -> None:
+    """A sqlite store keeps its artifacts beside the database file (not in the current directory)."""
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
+    try:
+        mlflow.create_experiment(name, artifact_location=location)
+    except MlflowException as e:  # another process created it first: fine
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
 
 
 def summarize(history: list[dict], num_params: int, epochs: int) -> dict:

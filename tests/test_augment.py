@@ -1,0 +1,68 @@
+"""Augmentation: named pipelines, float32 28x28 output, reproducible by seed, test set untouched."""
+
+import numpy as np
+import pytest
+import torch
+
+import models
+from trainer.augment import AUGMENTS, EpochSampler, build_augment
+from trainer.data import MNIST_MEAN, MNIST_STD, MNISTDataset, load_mnist
+from trainer.engine import Config, make_loaders
+
+
+@pytest.fixture(scope="module")
+def images(data_dir):
+    return load_mnist(data_dir, train=True, subset=64)
+
+
+@pytest.mark.parametrize("name", list(AUGMENTS))
+def test_pipeline_gives_normalised_float32_images(images, name):
+    out = build_augment(name)(image=images[0][0].numpy())["image"]
+    assert out.shape == (28, 28) and out.dtype == np.float32
+    assert out.min() == pytest.approx(-MNIST_MEAN / MNIST_STD, abs=1e-4)  # background stays background
+
+
+def test_none_is_normalisation_only(images):
+    raw = images[0][0].numpy()
+    out = build_augment("none")(image=raw)["image"]
+    np.testing.assert_allclose(out, (raw / 255.0 - MNIST_MEAN) / MNIST_STD, atol=1e-5)
+
+
+def test_unknown_pipeline_names_the_valid_ones():
+    with pytest.raises(ValueError, match="none, light, standard"):
+        build_augment("heavy")
+
+
+def test_augmentation_changes_the_image_and_is_reproducible_by_seed(images):
+    dataset = MNISTDataset(*images, build_augment("standard"))
+    a, _ = dataset[(3, 1234)]
+    b, _ = dataset[(3, 1234)]
+    c, _ = dataset[(3, 999)]
+    plain, _ = MNISTDataset(*images, build_augment("none"))[3]
+    assert a.shape == (1, 28, 28) and a.dtype == torch.float32
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a, plain)
+
+
+def test_sampler_order_depends_on_seed_and_epoch_only():
+    def pairs(seed, epoch):
+        sampler = EpochSampler(100, seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert pairs(1, 3) == pairs(1, 3)
+    assert pairs(1, 3) != pairs(1, 4)
+    assert pairs(1, 3) != pairs(2, 3)
+    assert sorted(i for i, _ in pairs(1, 3)) == list(range(100))
+
+
+def test_test_set_is_never_augmented(data_dir):
+    recipe = models.get_variant("step5").recipe  # augment: standard
+    cfg = Config.from_recipe("step5", recipe, subset=200, workers=0, data_dir=data_dir)
+    _, test_loader, _ = make_loaders(cfg, torch.device("cpu"))
+    raw, labels = load_mnist(data_dir, train=False, subset=200)
+    expected = (raw.float().unsqueeze(1) / 255.0 - MNIST_MEAN) / MNIST_STD
+    x, y = next(iter(test_loader))
+    torch.testing.assert_close(x, expected)
+    assert torch.equal(y, labels)

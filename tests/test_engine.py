@@ -1,0 +1,73 @@
+"""The engine on a small subset: it learns, it is reproducible by seed, it stops on a NaN loss."""
+
+import pytest
+import torch
+
+import models
+from trainer import engine
+
+
+def config(data_dir, model="step5", **overrides):
+    options = {"subset": 1000, "epochs": 2, "workers": 1, "data_dir": data_dir, **overrides}
+    return engine.Config.from_recipe(model, models.get_variant(model).recipe, **options)
+
+
+def run(cfg):
+    engine.seed_everything(cfg.seed)
+    model = models.get_model(cfg.model, cfg.dropout)
+    history = []
+    engine.fit(cfg, model, torch.device("cpu"), lambda epoch, metrics, state: history.append(metrics))
+    return [{k: v for k, v in m.items() if k not in ("preds", "epoch_seconds")} for m in history]
+
+
+def test_loss_decreases_over_a_few_steps(data_dir):
+    cfg = config(data_dir, model="step3", augment="none", batch_size=64)
+    model = models.get_model("step3")
+    train_loader, _, _ = engine.make_loaders(cfg, torch.device("cpu"))
+    optimizer = engine.make_optimizer(cfg, model)
+    x, y = next(iter(train_loader))
+    losses = []
+    for _ in range(10):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_same_seed_gives_the_same_metrics_epoch_for_epoch(data_dir):
+    first, second = run(config(data_dir, seed=7)), run(config(data_dir, seed=7, workers=0))
+    assert first == second  # worker count does not change the augmented images either
+    assert run(config(data_dir, seed=8)) != first
+
+
+def test_non_finite_loss_stops_training(data_dir):
+    cfg = config(data_dir, lr=1e6, scheduler="none", epochs=1)
+    with pytest.raises(engine.NonFiniteLoss):
+        run(cfg)
+
+
+@pytest.mark.parametrize("scheduler", engine.SCHEDULERS)
+def test_every_schedule_steps_per_batch_to_its_end(scheduler):
+    cfg = engine.Config.from_recipe(
+        "step5", models.get_variant("step5").recipe, scheduler=scheduler, epochs=3, step_size=1
+    )
+    optimizer = engine.make_optimizer(cfg, models.get_model("step5"))
+    schedule = engine.make_scheduler(cfg, optimizer, steps_per_epoch=10)
+    lrs = []
+    for _ in range(30):
+        optimizer.step()
+        schedule.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    if scheduler == "none":
+        assert set(lrs) == {cfg.lr}
+    else:
+        assert lrs[-1] < cfg.lr / 5
+
+
+@pytest.mark.parametrize("name", engine.OPTIMIZERS)
+def test_optimizers(name):
+    cfg = engine.Config.from_recipe("step5", models.get_variant("step5").recipe, optimizer=name, lr=0.01)
+    optimizer = engine.make_optimizer(cfg, models.get_model("step5"))
+    assert type(optimizer).__name__.lower() == name and optimizer.param_groups[0]["lr"] == 0.01
