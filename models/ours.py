@@ -92,7 +92,7 @@ def step4(dropout: float = 0.0) -> nn.Module:
 
 @register(
     "step5",
-    "step4 + dropout 0.05 + albumentations affine augmentation: our answer (7,574 params)",
+    "step4 + dropout 0.03 + albumentations affine augmentation: our answer (7,574 params)",
     target="Regularise: dropout after every 3x3 block and affine augmentation (rotate, shift, scale), "
     "to reach >= 99.4% in every one of the last epochs, on every seed.",
     analysis="Train accuracy now sits below test accuracy (the task got harder, not the test), and the "
@@ -100,9 +100,37 @@ def step4(dropout: float = 0.0) -> nn.Module:
     scheduler="onecycle",
     lr=0.1,
     nesterov=True,
-    pct_start=0.25,
-    dropout=0.05,
+    pct_start=0.2,
+    dropout=0.03,
     augment="standard",
 )
-def step5(dropout: float = 0.05) -> nn.Module:
+def step5(dropout: float = 0.03) -> nn.Module:
     return skeleton(bn=True, dropout=dropout)
+
+
+@register(
+    "tiny",
+    "Smaller than the smallest write-up model (5,178): two max-pools, a padded 3x3 at 4x4, GAP",
+    target="Under 5,000 parameters, >= 99.4% in each of epochs 13-15 on every seed.",
+    analysis="Two max-pools buy receptive field without parameters; the padded 3x3 on the 4x4 map "
+    "sees the whole digit before GAP.",
+    scheduler="onecycle",
+    lr=0.1,
+    nesterov=True,
+    pct_start=0.25,
+    dropout=0.0,
+    augment="standard",
+)
+def tiny(dropout: float = 0.0) -> nn.Module:
+    return nn.Sequential(
+        *block(1, 8, True, dropout),  # 26x26  RF: 3 (1)
+        *block(8, 10, True, dropout),  # 24x24  RF: 5 (1)
+        nn.MaxPool2d(2),  # 12x12  RF: 6 (2)
+        *block(10, 12, True, dropout),  # 10x10  RF: 10 (2)
+        *block(12, 12, True, dropout),  # 8x8  RF: 14 (2)
+        nn.MaxPool2d(2),  # 4x4  RF: 16 (4)
+        *block(12, 12, True, dropout, padding=1),  # 4x4  RF: 24 (4)
+        nn.AdaptiveAvgPool2d(1),  # 1x1  RF: 36 (GAP over the 4x4 map)
+        nn.Conv2d(12, 10, 1, bias=False),  # 1x1  RF: 36  the head: 120 params
+        nn.Flatten(),
+    )

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import models
-from trainer.augment import AUGMENTS, EpochSampler, build_augment
+from trainer.augment import AUGMENTS, EpochBatches, build_augment
 from trainer.data import MNIST_MEAN, MNIST_STD, MNISTDataset, load_mnist
 from trainer.engine import Config, make_loaders
 
@@ -16,16 +16,23 @@ def images(data_dir):
 
 
 @pytest.mark.parametrize("name", list(AUGMENTS))
-def test_pipeline_gives_normalised_float32_images(images, name):
+def test_pipeline_maps_uint8_images_to_uint8_images(images, name):
     out = build_augment(name)(image=images[0][0].numpy())["image"]
-    assert out.shape == (28, 28) and out.dtype == np.float32
-    assert out.min() == pytest.approx(-MNIST_MEAN / MNIST_STD, abs=1e-4)  # background stays background
+    assert out.shape == (28, 28) and out.dtype == np.uint8
+
+
+@pytest.mark.parametrize("name", list(AUGMENTS))
+def test_dataset_batches_are_normalised_float32(images, name):
+    x, y = MNISTDataset(*images, build_augment(name)).__getitems__((7, [0, 1, 2]))
+    assert x.shape == (3, 1, 28, 28) and x.dtype == torch.float32 and y.tolist() == images[1][:3].tolist()
+    assert x.min().item() == pytest.approx(-MNIST_MEAN / MNIST_STD, abs=1e-4)  # background stays background
 
 
 def test_none_is_normalisation_only(images):
     raw = images[0][0].numpy()
-    out = build_augment("none")(image=raw)["image"]
-    np.testing.assert_allclose(out, (raw / 255.0 - MNIST_MEAN) / MNIST_STD, atol=1e-5)
+    assert np.array_equal(build_augment("none")(image=raw)["image"], raw)
+    x, _ = MNISTDataset(*images, build_augment("none"))[0]
+    np.testing.assert_allclose(x[0, 0].numpy(), (raw / 255.0 - MNIST_MEAN) / MNIST_STD, atol=1e-5)
 
 
 def test_unknown_pipeline_names_the_valid_ones():
@@ -35,26 +42,28 @@ def test_unknown_pipeline_names_the_valid_ones():
 
 def test_augmentation_changes_the_image_and_is_reproducible_by_seed(images):
     dataset = MNISTDataset(*images, build_augment("standard"))
-    a, _ = dataset[(3, 1234)]
-    b, _ = dataset[(3, 1234)]
-    c, _ = dataset[(3, 999)]
+    a, labels = dataset.__getitems__((1234, [3, 5]))
+    b, _ = dataset.__getitems__((1234, [3, 5]))
+    c, _ = dataset.__getitems__((999, [3, 5]))
     plain, _ = MNISTDataset(*images, build_augment("none"))[3]
-    assert a.shape == (1, 28, 28) and a.dtype == torch.float32
+    assert a.shape == (2, 1, 28, 28) and a.dtype == torch.float32
+    assert labels.tolist() == images[1][[3, 5]].tolist()
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
-    assert not torch.equal(a, plain)
+    assert not torch.equal(a[:1], plain)
 
 
 def test_sampler_order_depends_on_seed_and_epoch_only():
     def pairs(seed, epoch):
-        sampler = EpochSampler(100, seed)
+        sampler = EpochBatches(100, 32, seed)
         sampler.set_epoch(epoch)
         return list(sampler)
 
     assert pairs(1, 3) == pairs(1, 3)
     assert pairs(1, 3) != pairs(1, 4)
     assert pairs(1, 3) != pairs(2, 3)
-    assert sorted(i for i, _ in pairs(1, 3)) == list(range(100))
+    assert [len(indices) for _, indices in pairs(1, 3)] == [32, 32, 32, 4]
+    assert sorted(i for _, indices in pairs(1, 3) for i in indices) == list(range(100))
 
 
 def test_test_set_is_never_augmented(data_dir):

@@ -175,8 +175,17 @@ def default_data_dir() -> str:
     return os.environ.get(DATA_DIR_ENV, DEFAULT_DATA_DIR)
 
 
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28), standardised by the MNIST train mean and std."""
+    return ((images.float() / 255.0 - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
+
+
 class MNISTDataset(torch.utils.data.Dataset):
-    """uint8 images in memory; `transform` (an albumentations pipeline) runs per sample in workers."""
+    """uint8 images in memory; `transform` (an albumentations pipeline) runs in the DataLoader workers.
+
+    Batches come whole from `EpochBatches` as `(seed, indices)`: the pipeline is reseeded once per
+    batch, so the augmented images depend on that seed alone, not on which worker made them.
+    """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
         self.images = images.numpy()
@@ -186,9 +195,17 @@ class MNISTDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.labels)
 
-    def __getitem__(self, key):
-        i, seed = key if isinstance(key, tuple) else (key, None)  # (index, seed) from EpochSampler
+    def __getitem__(self, i):
+        return self.__getitems__((None, [i]))
+
+    def __getitems__(self, key):
+        seed, indices = key
         if seed is not None:
             self.transform.set_random_seed(seed)
-        image = self.transform(image=self.images[i])["image"]
-        return torch.from_numpy(image).unsqueeze(0), self.labels[i]
+        batch = np.stack([self.transform(image=self.images[i])["image"] for i in indices])
+        return normalize(torch.from_numpy(batch)), self.labels[indices]
+
+
+def whole_batch(batch):
+    """collate_fn for datasets that build whole batches themselves (`__getitems__`)."""
+    return batch

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from trainer.augment import EpochSampler, build_augment
-from trainer.data import MNIST_MEAN, MNIST_STD, MNISTDataset, load_mnist
+from trainer.augment import EpochBatches, build_augment
+from trainer.data import MNISTDataset, load_mnist, normalize, whole_batch
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "step", "onecycle", "cosine")
@@ -99,18 +99,18 @@ def make_loaders(cfg: Config, device: torch.device):
     x_train, y_train = load_mnist(cfg.data_dir, train=True, subset=cfg.subset)
     x_test, y_test = load_mnist(cfg.data_dir, train=False, subset=cfg.subset)
     train_set = MNISTDataset(x_train, y_train, build_augment(cfg.augment))
-    sampler = EpochSampler(len(train_set), cfg.seed)
+    sampler = EpochBatches(len(train_set), cfg.batch_size, cfg.seed)
     train = torch.utils.data.DataLoader(
         train_set,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
+        batch_sampler=sampler,
+        collate_fn=whole_batch,
         generator=torch.Generator().manual_seed(cfg.seed),  # never draws from the global RNG (dropout's)
         num_workers=workers,
         pin_memory=pin,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )
-    test_images = (x_test.float().unsqueeze(1) / 255.0 - MNIST_MEAN) / MNIST_STD  # `none`, done once
+    test_images = normalize(x_test)  # never augmented: normalised once, kept in memory
     test = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(test_images, y_test),
         batch_size=EVAL_BATCH,
