@@ -1,14 +1,14 @@
 """albumentations pipelines by name, and the sampler that makes every augmented sample reproducible.
 
 A pipeline maps a uint8 (28, 28) image to an augmented uint8 (28, 28) image; the batch is then
-normalised by the MNIST mean and std. The test set is never augmented (normalisation only). `EpochBatches` hands each worker whole batches as `(seed, indices)`:
-the augmentation is a function of (run seed, epoch, batch) alone, whatever the worker count, so a run
-resumed at epoch k sees exactly the images an uninterrupted run would.
+normalised by the MNIST mean and std. The test set is never augmented (normalisation only).
+`EpochBatches` hands each worker whole batches as `(seed, indices)`: the augmentation is a function
+of (run seed, epoch, batch) alone, whatever the worker count, so a run resumed at epoch k sees
+exactly the images an uninterrupted run would.
 """
 
 import albumentations as A
 import torch
-
 
 # name -> the geometric transforms applied before normalisation (fill 0 = MNIST background).
 AUGMENTS = {
