@@ -37,6 +37,7 @@ class Variant:
     recipe: dict = field(default_factory=dict)
     target: str = ""
     analysis: str = ""
+    claim: str = ""  # reproductions: what the write-up reports
 
     def build(self, dropout: float | None = None) -> nn.Module:
         return self.builder(dropout=self.recipe["dropout"] if dropout is None else dropout)
@@ -45,14 +46,14 @@ class Variant:
 _REGISTRY: dict[str, Variant] = {}
 
 
-def register(name: str, description: str, target: str = "", analysis: str = "", **recipe):
+def register(name: str, description: str, target: str = "", analysis: str = "", claim: str = "", **recipe):
     """Register `builder(dropout=...) -> nn.Module` under `name` with its recipe overrides."""
     unknown = set(recipe) - set(DEFAULT_RECIPE)
     if unknown:
         raise TypeError(f"{name}: unknown recipe keys {sorted(unknown)}")
 
     def deco(builder):
-        _REGISTRY[name] = Variant(name, builder, description, {**DEFAULT_RECIPE, **recipe}, target, analysis)
+        _REGISTRY[name] = Variant(name, builder, description, {**DEFAULT_RECIPE, **recipe}, target, analysis, claim)
         return builder
 
     return deco

@@ -1,5 +1,7 @@
 """The `trainer` command line (click). Every user error is one line on stderr and a non-zero exit."""
 
+from pathlib import Path
+
 import click
 from mlflow.exceptions import MlflowException
 
@@ -33,7 +35,8 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except (DataError, ValueError, MlflowException, OSError, engine.NonFiniteLoss) as e:
-            raise click.ClickException(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from None
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise click.ClickException(message) from None
 
 
 class UsageLine(click.ClickException):
@@ -50,6 +53,18 @@ def check_model(ctx, param, value):
     return value
 
 
+def check_models(ctx, param, value):
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    return [check_model(ctx, param, n) for n in names]
+
+
+def check_seeds(ctx, param, value):
+    try:
+        return [int(s) for s in value.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+
+
 def choice(name: str, valid):
     def check(ctx, param, value):
         if value is not None and value != "recipe" and value not in valid:
@@ -59,14 +74,46 @@ def choice(name: str, valid):
     return check
 
 
-def data_dir_option(f):
-    return click.option(
-        "--data-dir",
-        default=DEFAULT_DATA_DIR,
-        envvar=DATA_DIR_ENV,
-        show_default=True,
-        help=f"MNIST folder (torchvision layout); env {DATA_DIR_ENV}.",
-    )(f)
+data_dir_option = click.option(
+    "--data-dir",
+    default=DEFAULT_DATA_DIR,
+    envvar=DATA_DIR_ENV,
+    show_default=True,
+    help=f"MNIST folder (torchvision layout); env {DATA_DIR_ENV}.",
+)
+
+# The training options shared by `train` and `sweep`. Left out, each comes from the variant's recipe.
+TRAIN_OPTIONS = [
+    click.option("--epochs", type=RecipeOr(POSITIVE_INT)),
+    click.option("--batch-size", type=RecipeOr(POSITIVE_INT)),
+    click.option("--optimizer", callback=choice("optimizer", engine.OPTIMIZERS), help="sgd | adam | adamw"),
+    click.option("--lr", type=RecipeOr(POSITIVE_FLOAT), help="Learning rate (the peak for onecycle)."),
+    click.option("--momentum", type=RecipeOr(NON_NEGATIVE_FLOAT)),
+    click.option("--nesterov/--no-nesterov", default=None),
+    click.option("--weight-decay", type=RecipeOr(NON_NEGATIVE_FLOAT)),
+    click.option("--scheduler", callback=choice("scheduler", engine.SCHEDULERS), help="none|step|onecycle|cosine"),
+    click.option("--step-size", type=RecipeOr(POSITIVE_INT), help="step: epochs between lr decays."),
+    click.option("--gamma", type=RecipeOr(POSITIVE_FLOAT), help="step: lr decay factor."),
+    click.option("--pct-start", type=RecipeOr(click.FloatRange(0, 1, min_open=True, max_open=True))),
+    click.option("--augment", callback=choice("augment", list(AUGMENTS)), help="none | light | standard"),
+    click.option("--dropout", type=RecipeOr(click.FloatRange(0, 1, max_open=True))),
+    click.option("--device", default="auto", show_default=True, callback=choice("device", engine.DEVICES)),
+    click.option("--amp", is_flag=True, default=None, help="bf16 autocast (CUDA)."),
+    click.option("--compile", "compile", is_flag=True, default=None, help="torch.compile the model."),
+    click.option("--subset", type=RecipeOr(POSITIVE_INT), help="Train/test on the first N images (smoke tests)."),
+    click.option("--workers", type=click.IntRange(min=0), help="DataLoader workers [default: CPU count - 1]."),
+    data_dir_option,
+]
+
+
+def train_options(f):
+    for option in reversed(TRAIN_OPTIONS):
+        f = option(f)
+    return f
+
+
+def config(model: str, seed: int, options: dict) -> engine.Config:
+    return engine.Config.from_recipe(model, models.get_variant(model).recipe, seed=seed, **options)
 
 
 @click.group(cls=Group)
@@ -83,46 +130,108 @@ def data(data_dir):
 
 @cli.command("models")
 def list_models_cmd():
-    """List the variants: name, parameters, description."""
+    """List the variants: params, receptive field, target met by the latest tracked run."""
+    from models.receptive import receptive_fields
+    from trainer.results import latest_target_met, text_table
+
+    met = latest_target_met()
+    rows = []
     for name in models.list_models():
         variant = models.get_variant(name)
-        click.echo(f"{name:10s} {models.num_params(variant.build()):>7,d}  {variant.description}")
+        model = variant.build()
+        rf = receptive_fields(model)[-1][2]
+        rows.append([name, f"{models.num_params(model):,}", str(rf), met.get(name, "-"), variant.description])
+    click.echo(text_table(["model", "params", "RF", "target met (latest run)", "description"], rows))
 
 
 @cli.command()
-@click.option(
-    "--model", default="step5", show_default=True, callback=check_model, help="Variant name (`trainer models`)."
-)
-@click.option("--epochs", type=RecipeOr(POSITIVE_INT))
-@click.option("--batch-size", type=RecipeOr(POSITIVE_INT))
-@click.option("--optimizer", callback=choice("optimizer", engine.OPTIMIZERS), help="sgd | adam | adamw")
-@click.option("--lr", type=RecipeOr(POSITIVE_FLOAT), help="Learning rate (the peak for onecycle).")
-@click.option("--momentum", type=RecipeOr(NON_NEGATIVE_FLOAT))
-@click.option("--nesterov/--no-nesterov", default=None)
-@click.option("--weight-decay", type=RecipeOr(NON_NEGATIVE_FLOAT))
-@click.option("--scheduler", callback=choice("scheduler", engine.SCHEDULERS), help="none | step | onecycle | cosine")
-@click.option("--step-size", type=RecipeOr(POSITIVE_INT), help="step: epochs between lr decays.")
-@click.option("--gamma", type=RecipeOr(POSITIVE_FLOAT), help="step: lr decay factor.")
-@click.option(
-    "--pct-start", type=RecipeOr(click.FloatRange(0, 1, min_open=True, max_open=True)), help="onecycle warm-up share."
-)
-@click.option("--augment", callback=choice("augment", list(AUGMENTS)), help="none | light | standard")
-@click.option("--dropout", type=RecipeOr(click.FloatRange(0, 1, max_open=True)))
+@click.argument("name", callback=check_model)
+def summary(name):
+    """Layer table (torchinfo) with the receptive field after each layer."""
+    import torchinfo
+
+    from models.receptive import receptive_fields
+
+    model = models.get_model(name)
+    info = torchinfo.summary(model, input_size=(1, 1, 28, 28), verbose=0, device="cpu")
+    rf = {id(layer): (r, jump) for _, layer, r, jump in receptive_fields(model)}
+    click.echo(f"{name}: {models.get_variant(name).description}\n")
+    click.echo(f"{'layer':34s} {'output shape':>18s} {'params':>8s} {'RF':>4s} {'jump':>5s}")
+    for layer in info.summary_list[1:]:
+        r, jump = rf.get(id(layer.module), ("", ""))
+        shape = "x".join(map(str, layer.output_size[1:]))
+        click.echo(
+            f"{layer.class_name + '-' + layer.var_name:34s} {shape:>18s} {layer.num_params:>8,d} {r:>4} {jump:>5}"
+        )
+    total = info.total_params
+    verdict = "under" if total < 8000 else "OVER"
+    click.echo(f"\ntotal params: {total:,} ({verdict} the 8,000 limit by {abs(8000 - total):,})")
+    click.echo(f"receptive field at the output: {receptive_fields(model)[-1][2]} px (input 28 px)")
+
+
+@cli.command()
+@click.option("--model", default="step5", show_default=True, callback=check_model, help="Variant (`trainer models`).")
 @click.option("--seed", type=int, default=1, show_default=True)
-@click.option("--device", default="auto", show_default=True, callback=choice("device", engine.DEVICES))
-@click.option("--amp", is_flag=True, help="bf16 autocast (CUDA).")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
-@click.option("--subset", type=RecipeOr(POSITIVE_INT), help="Train/test on the first N images (smoke tests only).")
-@click.option("--workers", type=click.IntRange(min=0), help="DataLoader workers [default: CPU count - 1].")
-@data_dir_option
-def train(model, compile_, data_dir, **options):
+@click.option("--resume", "resume", metavar="RUN_ID", help="Continue a killed run from its last checkpoint.")
+@train_options
+def train(model, seed, resume, **options):
     """Train one variant; options left out come from the variant's recipe (`trainer models`)."""
     from trainer import tracking
 
-    recipe = models.get_variant(model).recipe
-    cfg = engine.Config.from_recipe(model, recipe, compile=compile_, data_dir=data_dir, **options)
-    ensure_mnist(data_dir)
-    tracking.train(cfg)
+    tracking.check_store()
+    if resume:
+        cfg = tracking.config_of_run(resume)
+        cfg.data_dir = options["data_dir"]  # where the data lives is not part of the recipe
+    else:
+        cfg = config(model, seed, options)
+    ensure_mnist(cfg.data_dir)
+    tracking.train(cfg, resume_run_id=resume)
+
+
+@cli.command()
+@click.option("--models", "names", required=True, callback=check_models, help="Comma-separated variants.")
+@click.option("--seeds", default="1,2,3", show_default=True, callback=check_seeds, help="Comma-separated seeds.")
+@train_options
+def sweep(names, seeds, **options):
+    """Train every model x seed as child runs of one parent run, which logs mean/std per model."""
+    from trainer import tracking
+
+    tracking.check_store()
+    ensure_mnist(options["data_dir"])
+    failed = tracking.sweep([config(name, seed, options) for name in names for seed in seeds])
+    if failed:
+        raise click.ClickException(f"{failed} of {len(names) * len(seeds)} runs failed (see the parent run)")
+
+
+@cli.command()
+@click.option("--experiment", help="Experiment name [default: MLFLOW_EXPERIMENT_NAME or mnist8k].")
+@click.option("--filter", "filter_string", default="", help="MLflow search filter, e.g. \"params.model = 'step5'\".")
+@click.option("--all", "include_subset", is_flag=True, help="Include --subset smoke runs.")
+def compare(experiment, filter_string, include_subset):
+    """Table of finished runs: the columns the MLflow UI's compare view shows."""
+    from trainer.results import COMPARE_COLUMNS, compare_rows, search, text_table
+
+    runs = search(experiment, filter_string, full_only=not include_subset)
+    if not runs:
+        click.echo("no finished runs match")
+        return
+    click.echo(text_table(COMPARE_COLUMNS, compare_rows(runs)))
+
+
+@cli.command()
+@click.option("--experiment", help="Experiment name [default: MLFLOW_EXPERIMENT_NAME or mnist8k].")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write to FILE (atomically).")
+def report(experiment, out):
+    """The Markdown results section, generated from the tracked runs."""
+    from trainer.data import atomic_write
+    from trainer.results import report as make_report
+
+    text = make_report(experiment)
+    if out:
+        atomic_write(out, text.encode())
+        click.echo(f"wrote {out}")
+    else:
+        click.echo(text)
 
 
 def main():

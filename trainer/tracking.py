@@ -11,14 +11,18 @@ import signal
 import subprocess
 import tempfile
 from contextlib import ExitStack, contextmanager
+from dataclasses import fields
 from pathlib import Path
+from typing import get_args
 
 import mlflow
 import numpy as np
+import requests
 import torch
 import torchinfo
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
 
 import models
 from trainer import plots
@@ -30,6 +34,7 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "mnist8k"
 TARGET_ACC, PARAM_LIMIT, EPOCH_LIMIT = 99.40, 8000, 15
 CHECKPOINT_TAG = "last_checkpoint"
+EPOCH_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds")
 
 
 class Interrupted(KeyboardInterrupt):
@@ -147,38 +152,33 @@ def log_model(model, device) -> None:
     )
 
 
-def train(cfg: Config) -> dict:
-    """Train `cfg` inside one MLflow run; returns the summary metrics."""
+def train(cfg: Config, resume_run_id: str | None = None) -> dict:
+    """Train `cfg` inside one MLflow run (or continue `resume_run_id` from its last checkpoint).
+
+    Under `mlflow run` or `trainer sweep` the run is a child of the run already active. Returns the
+    summary metrics."""
     variant = models.get_variant(cfg.model)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     model = variant.build(cfg.dropout)
     n_params = models.num_params(model)
-    setup_tracking()
-    history: list[dict] = []
+    history, state = [], None
+    if resume_run_id:
+        state = load_checkpoint(resume_run_id)
+        model.load_state_dict(state["model"])
+        history = logged_history(resume_run_id, state["epoch"])
+        print(f"resuming run {resume_run_id} after epoch {state['epoch']}")
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         project_run = os.environ.pop("MLFLOW_RUN_ID", None)
         if project_run:  # under `mlflow run`: that run holds the -P values; the training is its child
             stack.enter_context(mlflow.start_run(run_id=project_run))
-        run = stack.enter_context(mlflow.start_run(run_name=f"{cfg.model}-s{cfg.seed}", nested=bool(project_run)))
+        nested = mlflow.active_run() is not None
+        name = None if resume_run_id else f"{cfg.model}-s{cfg.seed}"
+        run = stack.enter_context(mlflow.start_run(run_id=resume_run_id, run_name=name, nested=nested))
         try:
             with sigterm_as_interrupt():
-                mlflow.log_params({**cfg.as_params(), "num_params": n_params, "device": str(device)})
-                mlflow.set_tags(
-                    {
-                        "model": cfg.model,
-                        "description": variant.description,
-                        "git_commit": git_commit() or "unknown",
-                        "torch_version": torch.__version__,
-                        "mlflow_version": mlflow.__version__,
-                        "subset": str(cfg.subset) if cfg.subset else "full",
-                    }
-                )
-                mlflow.log_text(model_summary(model), "model_summary.txt")
-                train_images, _ = load_mnist(cfg.data_dir, train=True, subset=8)
-                log_figure(
-                    plots.augment_preview(train_images.numpy(), build_augment(cfg.augment)), "augment_preview.png"
-                )
+                if not resume_run_id:
+                    log_run_start(cfg, variant, model, n_params, device)
                 model.to(device)
 
                 def on_epoch(epoch, metrics, state):
@@ -186,7 +186,8 @@ def train(cfg: Config) -> dict:
                     mlflow.log_metrics({k: v for k, v in history[-1].items() if k != "epoch"}, step=epoch)
                     log_checkpoint(state, cfg, Path(tmp))
 
-                test_loader, last = fit(cfg, model, device, on_epoch)
+                start = state["epoch"] + 1 if state else 1
+                test_loader, last = fit(cfg, model, device, on_epoch, start_epoch=start, state=state)
                 summary = summarize(history, n_params, cfg.epochs)
                 mlflow.log_metrics(summary)
                 log_artifacts_at_end(history, test_loader, last["preds"])
@@ -201,9 +202,121 @@ def train(cfg: Config) -> dict:
     return summary
 
 
+def log_run_start(cfg: Config, variant, model, n_params: int, device) -> None:
+    mlflow.log_params({**cfg.as_params(), "num_params": n_params, "device": str(device)})
+    mlflow.set_tags(
+        {
+            "model": cfg.model,
+            "description": variant.description,
+            "git_commit": git_commit() or "unknown",
+            "torch_version": torch.__version__,
+            "mlflow_version": mlflow.__version__,
+            "subset": str(cfg.subset) if cfg.subset else "full",
+        }
+    )
+    mlflow.log_text(model_summary(model), "model_summary.txt")
+    train_images, _ = load_mnist(cfg.data_dir, train=True, subset=8)
+    log_figure(plots.augment_preview(train_images.numpy(), build_augment(cfg.augment)), "augment_preview.png")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def config_of_run(run_id: str) -> Config:
+    """The Config a run was started with, from its logged params."""
+    params = MlflowClient().get_run(run_id).data.params
+    values = {}
+    for f in fields(Config):
+        if f.name not in params:
+            raise CheckpointError(f"run {run_id} has no param {f.name!r}: not a trainer run")
+        raw, types = params[f.name], [t for t in get_args(f.type) if t is not type(None)] or [f.type]
+        values[f.name] = None if raw == "None" else (raw == "True" if types[0] is bool else types[0](raw))
+    return Config(**values)
+
+
+def load_checkpoint(run_id: str) -> dict:
+    """The run's last complete checkpoint, read with torch.load(weights_only=True)."""
+    run = MlflowClient().get_run(run_id)
+    path = run.data.tags.get(CHECKPOINT_TAG)
+    if path is None:
+        raise CheckpointError(f"run {run_id} has no checkpoint: it never completed an epoch")
+    if run.info.status == "FINISHED":
+        raise CheckpointError(f"run {run_id} already finished: nothing to resume")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp)
+        try:
+            state = torch.load(local, map_location="cpu", weights_only=True)
+            missing = {"epoch", "model", "optimizer", "scheduler"} - set(state)
+        except Exception as e:  # truncated, tampered or not a checkpoint at all
+            raise CheckpointError(f"checkpoint {path} of run {run_id} is unreadable ({type(e).__name__})") from None
+    if missing:
+        raise CheckpointError(f"checkpoint {path} of run {run_id} lacks {sorted(missing)}")
+    return state
+
+
+def logged_history(run_id: str, upto: int) -> list[dict]:
+    """The per-epoch metrics a run logged for epochs 1..upto."""
+    client = MlflowClient()
+    by_epoch: dict[int, dict] = {epoch: {"epoch": epoch} for epoch in range(1, upto + 1)}
+    for key in EPOCH_METRICS:
+        for m in client.get_metric_history(run_id, key):
+            if m.step in by_epoch:
+                by_epoch[m.step][key] = m.value
+    return list(by_epoch.values())
+
+
 def log_artifacts_at_end(history, test_loader, preds) -> None:
     targets = test_loader.dataset.tensors[1].numpy()
     images = test_loader.dataset.tensors[0][:, 0].numpy()
     log_figure(plots.curves(history), "curves.png")
     log_figure(plots.confusion_matrix(targets, preds.numpy()), "confusion_matrix.png")
     log_figure(plots.misclassified(images, targets, preds.numpy()), "misclassified.png")
+
+
+class StoreUnreachable(ValueError):
+    pass
+
+
+def check_store() -> None:
+    """Fail before training, not after 15 epochs, if the tracking store can't be used."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    if uri.startswith(("http://", "https://")):
+        try:
+            requests.get(f"{uri.rstrip('/')}/health", timeout=5).raise_for_status()
+        except requests.RequestException as e:
+            raise StoreUnreachable(f"tracking server {uri} is unreachable ({type(e).__name__})") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise StoreUnreachable(f"tracking store {uri}: folder {folder} is missing or not writable")
+    setup_tracking()
+
+
+def sweep(configs: list[Config]) -> int:
+    """Each config as a child run of one parent run; a failed child is recorded and the sweep goes on.
+    The parent logs, per model, mean and std over seeds and how many seeds met the target. Returns
+    the number of failed children."""
+    setup_tracking()
+    results: dict[str, list[dict]] = {}
+    failed = 0
+    with mlflow.start_run(run_name=f"sweep-{len(configs)}-runs"):
+        mlflow.log_params({"models": ",".join(dict.fromkeys(c.model for c in configs)), "runs": len(configs)})
+        mlflow.log_param("seeds", ",".join(dict.fromkeys(str(c.seed) for c in configs)))
+        for cfg in configs:
+            try:
+                summary = train(cfg)
+                results.setdefault(cfg.model, []).append(summary)
+            except KeyboardInterrupt:
+                mlflow.end_run("KILLED")
+                raise
+            except Exception as e:  # the child run is already ended FAILED; keep going
+                failed += 1
+                print(f"{cfg.model}-s{cfg.seed} failed: {type(e).__name__}: {e}")
+        for model, summaries in results.items():
+            for key in ("best_test_acc", "last3_min_test_acc"):
+                values = [s[key] for s in summaries]
+                mlflow.log_metrics({f"{model}.{key}.mean": np.mean(values), f"{model}.{key}.std": np.std(values)})
+            mlflow.log_metric(f"{model}.seeds_met_target", sum(s["target_met"] for s in summaries))
+        mlflow.log_metric("failed_runs", failed)
+    return failed

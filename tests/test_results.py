@@ -1,0 +1,99 @@
+"""compare / report / models read results back from the store. The runs here are logged directly
+through the MLflow API with made-up accuracies, so the expected numbers are known exactly."""
+
+import mlflow
+import pytest
+
+import models
+from trainer import results
+from trainer.engine import Config
+
+
+def log_fake_run(model, seed, test_acc, subset=None, status="FINISHED"):
+    """A run shaped like `trainer train` logs it (params, tags, per-epoch metrics, summary)."""
+    cfg = Config.from_recipe(model, models.get_variant(model).recipe, seed=seed, epochs=len(test_acc), subset=subset)
+    n_params = models.num_params(models.get_model(model))
+    with mlflow.start_run(run_name=f"{model}-s{seed}") as run:
+        mlflow.log_params({**cfg.as_params(), "num_params": n_params})
+        mlflow.set_tags({"model": model, "subset": str(subset) if subset else "full"})
+        for epoch, acc in enumerate(test_acc, 1):
+            mlflow.log_metrics({"test_acc": acc, "train_acc": acc - 0.5}, step=epoch)
+        best = max(range(len(test_acc)), key=test_acc.__getitem__)
+        met = min(test_acc[-3:]) >= 99.4 and n_params < 8000
+        mlflow.log_metrics(
+            {
+                "best_test_acc": test_acc[best],
+                "best_epoch": best + 1,
+                "last3_min_test_acc": min(test_acc[-3:]),
+                "target_met": float(met),
+            }
+        )
+    if status != "FINISHED":
+        mlflow.tracking.MlflowClient().set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+@pytest.fixture
+def fake_runs(store):
+    mlflow.set_tracking_uri(store)
+    mlflow.set_experiment("tests")
+    log_fake_run("step5", 1, [99.0, 99.3, 99.41, 99.45, 99.5])
+    log_fake_run("step5", 2, [99.0, 99.2, 99.42, 99.38, 99.46])  # one epoch below 99.4: not met
+    log_fake_run("step1", 1, [98.0, 98.5, 98.9, 99.0, 99.1])
+    log_fake_run("step5", 3, [99.9, 99.9, 99.9, 99.9, 99.9], subset=500)  # a smoke run: never a result
+    log_fake_run("step5", 4, [99.9, 99.9, 99.9], status="KILLED")  # unfinished: never a result
+    mlflow.end_run()
+
+
+def test_compare_lists_finished_full_runs_with_the_ui_columns(fake_runs, run_cli):
+    result = run_cli("compare")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    for column in results.COMPARE_COLUMNS:
+        assert column in lines[0]
+    body = "\n".join(lines[2:])
+    assert len(lines[2:]) == 3 and "step5-s3" not in body and "step5-s4" not in body
+    row = next(line for line in lines if line.startswith("step5-s1"))
+    assert "99.50 (5)" in row and "99.41" in row and "yes" in row
+    row = next(line for line in lines if line.startswith("step5-s2"))
+    assert "99.38" in row and row.split()[-3] == "no"
+
+
+def test_compare_filter_and_unknown_experiment(fake_runs, run_cli):
+    result = run_cli("compare", "--filter", "params.model = 'step1'")
+    assert [line.split()[0] for line in result.output.splitlines()[2:]] == ["step1-s1"]
+    result = run_cli("compare", "--experiment", "nope")
+    assert result.exit_code == 1 and "no experiment named 'nope'" in result.output
+
+
+def test_report_pulls_every_number_from_the_runs(fake_runs, run_cli, tmp_path):
+    out = tmp_path / "results.md"
+    result = run_cli("report", "--out", out)
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert "| step5 | 98.98 | 99.48 | 99.44 | 7,574 | 5 | 1/2 |" in text  # means over seeds 1 and 2
+    assert "| step1 | 98.60 | 99.10 | 99.00 | 73,514 | 5 | 0/1 |" in text
+    assert "seed 2 (run" in text and "99.42, 99.38, 99.46" in text
+    assert "99.90" not in text  # neither the smoke run nor the killed run
+    for name in models.list_models():
+        assert f"### {name}" in text
+    assert "**Write-up's claim:**" in text and "no full tracked run yet" in text
+
+
+def test_models_shows_rf_and_whether_the_latest_run_met_the_target(fake_runs, run_cli):
+    result = run_cli("models")
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line.split() for line in result.output.splitlines()[2:]}
+    assert rows["step5"][1:4] == ["7,574", "28", "no"]  # newest full step5 run: seed 2, not met
+    assert rows["ref6712"][1:4] == ["6,712", "32", "-"]
+
+
+def test_summary_prints_layers_params_rf_and_the_budget(run_cli):
+    result = run_cli("summary", "ref6712")
+    assert result.exit_code == 0, result.output
+    assert "total params: 6,712 (under the 8,000 limit by 1,288)" in result.output
+    assert "receptive field at the output: 32 px" in result.output
+    conv = next(line for line in result.output.splitlines() if line.startswith("Conv2d-4"))
+    assert conv.split()[1:] == ["10x24x24", "720", "5", "1"]
+    result = run_cli("summary", "vgg")
+    assert result.exit_code == 2 and "valid names" in result.output

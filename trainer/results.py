@@ -1,0 +1,188 @@
+"""Reading results back from the tracking store: `trainer compare`, `trainer report`, `trainer models`.
+
+Only finished full-data runs count as results; `--subset` smoke runs are tagged and left out.
+"""
+
+import os
+from dataclasses import dataclass
+
+import mlflow
+import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+import models
+from trainer.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, EPOCH_LIMIT, PARAM_LIMIT, TARGET_ACC
+
+COMPARE_COLUMNS = ["run", "model", "params", "epochs", "best test acc (epoch)", "min last 3", "target met", "duration"]
+
+
+@dataclass
+class Result:
+    """One finished run, with its per-epoch accuracies."""
+
+    run_id: str
+    name: str
+    model: str
+    seed: int
+    params: int
+    epochs: int
+    train_acc: list[float]
+    test_acc: list[float]
+    summary: dict
+    minutes: float
+
+
+def search(experiment: str | None = None, filter_string: str = "", full_only: bool = True) -> list:
+    """Finished training runs of the experiment (default: the configured one), newest first."""
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
+    client = MlflowClient()
+    name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        raise ValueError(f"no experiment named {name!r} in {mlflow.get_tracking_uri()}")
+    clauses = ["attributes.status = 'FINISHED'", "params.num_params != ''"]
+    if full_only:
+        clauses.append("tags.subset = 'full'")
+    if filter_string:
+        clauses.append(filter_string)
+    return client.search_runs([exp.experiment_id], " and ".join(clauses), order_by=["attributes.start_time DESC"])
+
+
+def load(run) -> Result:
+    client = MlflowClient()
+
+    def history(key):
+        return [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+
+    p = run.data.params
+    return Result(
+        run_id=run.info.run_id,
+        name=run.info.run_name,
+        model=p["model"],
+        seed=int(p["seed"]),
+        params=int(p["num_params"]),
+        epochs=int(p["epochs"]),
+        train_acc=history("train_acc"),
+        test_acc=history("test_acc"),
+        summary=run.data.metrics,
+        minutes=((run.info.end_time or run.info.start_time) - run.info.start_time) / 60000,
+    )
+
+
+def latest_per_seed(results: list[Result]) -> dict[str, dict[int, Result]]:
+    """{model: {seed: newest result}} (results come newest first)."""
+    table: dict[str, dict[int, Result]] = {}
+    for r in results:
+        table.setdefault(r.model, {}).setdefault(r.seed, r)
+    return table
+
+
+def compare_rows(runs) -> list[list[str]]:
+    rows = []
+    for run in runs:
+        m, p = run.data.metrics, run.data.params
+        seconds = ((run.info.end_time or run.info.start_time) - run.info.start_time) / 1000
+        rows.append(
+            [
+                run.info.run_name,
+                p.get("model", "?"),
+                p.get("num_params", "?"),
+                p.get("epochs", "?"),
+                f"{m.get('best_test_acc', float('nan')):.2f} ({int(m.get('best_epoch', 0))})",
+                f"{m.get('last3_min_test_acc', float('nan')):.2f}",
+                "yes" if m.get("target_met") == 1 else "no",
+                f"{seconds / 60:.1f} min",
+            ]
+        )
+    return rows
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(str(x) for x in row) + " |" for row in lines)
+
+
+def target_met(r: Result, last: int = 3) -> bool:
+    return min(r.test_acc[-last:]) >= TARGET_ACC and r.params < PARAM_LIMIT and r.epochs <= EPOCH_LIMIT
+
+
+def variant_section(name: str, seeds: dict[int, Result]) -> str:
+    variant = models.get_variant(name)
+    n_params = models.num_params(variant.build())
+    lines = [f"### {name}", "", f"**Target:** {variant.target}", ""]
+    if variant.claim:
+        lines += [f"**Write-up's claim:** {variant.claim}", ""]
+    if not seeds:
+        lines += ["**Result:** no full tracked run yet.", ""]
+    else:
+        met = [s for s, r in sorted(seeds.items()) if target_met(r)]
+        best_train = max(max(r.train_acc) for r in seeds.values())
+        best_test = max(max(r.test_acc) for r in seeds.values())
+        lines += [
+            "**Result:**",
+            f"- Parameters: {n_params:,}",
+            f"- Best train accuracy: {best_train:.2f}%; best test accuracy: {best_test:.2f}%",
+            f"- Seeds that met the target (>= {TARGET_ACC}% in each of the last 3 epochs, < 8k params): "
+            f"{len(met)}/{len(seeds)} {met if met else ''}".rstrip(),
+        ]
+        for seed, r in sorted(seeds.items()):
+            last5 = ", ".join(f"{a:.2f}" for a in r.test_acc[-5:])
+            lines.append(f"- seed {seed} (run `{r.run_id[:8]}`), test accuracy in the last 5 epochs: {last5}")
+        lines.append("")
+    if variant.analysis:
+        lines += [f"**Analysis:** {variant.analysis}", ""]
+    return "\n".join(lines)
+
+
+def report(experiment: str | None = None) -> str:
+    """The Markdown results section, every number pulled from the tracked runs."""
+    table = latest_per_seed([load(run) for run in search(experiment)])
+    names = models.list_models()
+    summary_rows = []
+    for name in names:
+        seeds = table.get(name, {})
+        if not seeds:
+            continue
+        runs = list(seeds.values())
+        summary_rows.append(
+            [
+                name,
+                f"{np.mean([max(r.train_acc) for r in runs]):.2f}",
+                f"{np.mean([max(r.test_acc) for r in runs]):.2f}",
+                f"{np.mean([np.mean(r.test_acc[-3:]) for r in runs]):.2f}",
+                f"{runs[0].params:,}",
+                str(runs[0].epochs),
+                f"{sum(target_met(r) for r in runs)}/{len(runs)}",
+            ]
+        )
+    header = ["Model", "Best train acc", "Best test acc", "Mean of last 3", "Params", "Epochs", "Seeds met target"]
+    parts = [
+        "## Results",
+        "",
+        "Generated by `trainer report` from the finished full-data runs in the tracking store "
+        "(newest run per model and seed; accuracies in %, means over seeds).",
+        "",
+        markdown_table(header, summary_rows),
+        "",
+    ]
+    parts += [variant_section(name, table.get(name, {})) for name in names]
+    return "\n".join(parts)
+
+
+def latest_target_met() -> dict[str, str]:
+    """{model: 'yes'/'no'} from its newest finished full-data run; {} when there is no store yet."""
+    try:
+        runs = search()
+    except (ValueError, MlflowException):
+        return {}
+    met: dict[str, str] = {}
+    for run in runs:
+        met.setdefault(run.data.params["model"], "yes" if run.data.metrics.get("target_met") == 1 else "no")
+    return met
