@@ -10,12 +10,21 @@ exactly the images an uninterrupted run would.
 import albumentations as A
 import torch
 
+ROTATE, SHIFT, SCALE = 8, 0.06, 0.06  # `standard`: +-degrees, +-fraction of the size, +-scale
+
 # name -> the geometric transforms applied before normalisation (fill 0 = MNIST background).
 AUGMENTS = {
     "none": [],
     "light": [A.Rotate(limit=7, border_mode=0, fill=0, p=1.0)],
     "standard": [
-        A.Affine(rotate=(-8, 8), translate_percent=(-0.06, 0.06), scale=(0.94, 1.06), border_mode=0, fill=0, p=1.0)
+        A.Affine(
+            rotate=(-ROTATE, ROTATE),
+            translate_percent=(-SHIFT, SHIFT),
+            scale=(1 - SCALE, 1 + SCALE),
+            border_mode=0,
+            fill=0,
+            p=1.0,
+        )
     ],
 }
 

@@ -129,10 +129,11 @@ def data(data_dir):
 
 
 @cli.command("models")
-def list_models_cmd():
+@click.option("--markdown", is_flag=True, help="As a Markdown table (the README's variant table).")
+def list_models_cmd(markdown):
     """List the variants: params, receptive field, target met by the latest tracked run."""
     from models.receptive import receptive_fields
-    from trainer.results import latest_target_met, text_table
+    from trainer.results import latest_target_met, markdown_table, text_table
 
     met = latest_target_met()
     rows = []
@@ -141,7 +142,8 @@ def list_models_cmd():
         model = variant.build()
         rf = receptive_fields(model)[-1][2]
         rows.append([name, f"{models.num_params(model):,}", str(rf), met.get(name, "-"), variant.description])
-    click.echo(text_table(["model", "params", "RF", "target met (latest run)", "description"], rows))
+    header = ["model", "params", "RF", "target met (latest run)", "description"]
+    click.echo(markdown_table(header, rows) if markdown else text_table(header, rows))
 
 
 @cli.command()
@@ -232,6 +234,30 @@ def report(experiment, out):
         click.echo(f"wrote {out}")
     else:
         click.echo(text)
+
+
+@cli.command()
+@click.option("--model", default="step5", show_default=True, callback=check_model)
+@click.option("--batch-size", type=POSITIVE_INT, help="[default: the model's recipe]")
+@click.option("--batches", type=POSITIVE_INT, default=200, show_default=True, help="Batches timed for floor and plain.")
+@click.option("--repeats", type=POSITIVE_INT, default=3, show_default=True)
+@click.option("--subset", type=POSITIVE_INT, help="Our epoch on the first N images only (a quick check).")
+@click.option("--workers", type=click.IntRange(min=0), help="DataLoader workers [default: CPU count - 1].")
+@click.option("--device", default="auto", show_default=True, callback=choice("device", engine.DEVICES))
+@click.option("--amp", is_flag=True, default=None)
+@click.option("--compile", "compile", is_flag=True, default=None)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the result.")
+@data_dir_option
+def bench(model, batches, repeats, json_path, **options):
+    """Images/s of the compute floor, the write-ups' plain loop and our pipeline, side by side."""
+    from trainer import bench as benchmark
+
+    ensure_mnist(options["data_dir"])
+    cfg = config(model, 1, options)
+    result = benchmark.bench(cfg, batches, repeats)
+    click.echo(benchmark.table(result))
+    if json_path:
+        benchmark.write_json(result, json_path)
 
 
 def main():

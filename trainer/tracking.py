@@ -5,6 +5,7 @@ local `sqlite:///mlflow.db` and `mnist8k`. A run that raises ends FAILED; Ctrl-C
 KILLED; either way the checkpoint of the last completed epoch is already in the run.
 """
 
+import fcntl
 import os
 import random
 import signal
@@ -45,12 +46,27 @@ def setup_tracking() -> str:
     """Point MLflow at the store and experiment; returns the tracking URI."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
     mlflow.set_tracking_uri(uri)
-    if not os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`, the run (and its experiment) exists
+    with store_lock(uri):  # the first touch creates (migrates) a sqlite store: one process at a time
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
         if mlflow.get_experiment_by_name(name) is None:
             create_experiment(name, uri)
+    if not os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`, the run (and its experiment) exists
         mlflow.set_experiment(name)
     return uri
+
+
+@contextmanager
+def store_lock(uri: str):
+    """An exclusive lock on `<db>.lock` beside a sqlite store; nothing to lock for a server."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    with open(f"{uri.removeprefix('sqlite:///')}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def create_experiment(name: str, uri: str) -> None:
@@ -170,7 +186,7 @@ def train(cfg: Config, resume_run_id: str | None = None) -> dict:
         print(f"resuming run {resume_run_id} after epoch {state['epoch']}")
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         project_run = os.environ.pop("MLFLOW_RUN_ID", None)
-        if project_run:  # under `mlflow run`: that run holds the -P values; the training is its child
+        if project_run and not mlflow.active_run():  # `mlflow run`: the -P values' run; training is its child
             stack.enter_context(mlflow.start_run(run_id=project_run))
         nested = mlflow.active_run() is not None
         name = None if resume_run_id else f"{cfg.model}-s{cfg.seed}"
@@ -300,7 +316,8 @@ def sweep(configs: list[Config]) -> int:
     setup_tracking()
     results: dict[str, list[dict]] = {}
     failed = 0
-    with mlflow.start_run(run_name=f"sweep-{len(configs)}-runs"):
+    project_run = os.environ.pop("MLFLOW_RUN_ID", None)  # under `mlflow run -e sweep`: the parent
+    with mlflow.start_run(run_id=project_run, run_name=None if project_run else f"sweep-{len(configs)}-runs"):
         mlflow.log_params({"models": ",".join(dict.fromkeys(c.model for c in configs)), "runs": len(configs)})
         mlflow.log_param("seeds", ",".join(dict.fromkeys(str(c.seed) for c in configs)))
         for cfg in configs:

@@ -1,0 +1,18 @@
+"""`trainer bench` in its tiny mode: it runs the three pipelines and reports consistent numbers.
+(It is a benchmark, not a timed test: no speed is asserted here.)"""
+
+import json
+
+
+def test_bench_tiny_mode_prints_the_table_and_writes_json(run_cli, data_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_cli("bench", "--batches", "3", "--repeats", "1", "--subset", "512", "--workers", "0",
+                     "--json", out, "--data-dir", data_dir)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for label in ("floor", "plain", "ours", "ours / plain", "ours / floor", "evaluation", "peak RSS"):
+        assert label in result.output
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert rows["floor"]["images"] == rows["plain"]["images"] == 3 * 128 and rows["ours"]["images"] == 512
+    assert data["ours_over_plain"] == rows["ours"]["images_per_s"] / rows["plain"]["images_per_s"]
+    assert 0 < data["eval_share_of_epoch"] < 1 and data["peak_rss_mb"] > 0

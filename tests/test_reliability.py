@@ -1,0 +1,194 @@
+"""Faults: kill and resume with nothing lost, unreadable checkpoints, NaN losses, unreachable
+stores, and parallel runs into one store (sqlite and a local `mlflow server`)."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from mlflow.tracking import MlflowClient
+
+BIN = Path(sys.executable).parent
+EPOCH_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")
+
+
+def trainer(*args, env, **kwargs):
+    """A real `trainer` process (one thread, no workers: light enough to run four at once)."""
+    cmd = [BIN / "trainer", *map(str, args)]
+    env = {**env, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def store_env(uri, experiment="reliability"):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": experiment}
+    env.pop("MLFLOW_RUN_ID", None)
+    return env
+
+
+def runs_of(uri, experiment="reliability"):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, (client.search_runs([exp.experiment_id]) if exp else [])
+
+
+def per_epoch(client, run_id):
+    return {
+        key: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+        for key in EPOCH_KEYS
+    }
+
+
+SMOKE = ["--model", "step5", "--subset", "1000", "--workers", "0", "--seed", "5"]
+
+
+def test_sigterm_ends_the_run_killed_and_resume_matches_an_uninterrupted_run(data_dir, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = store_env(uri)
+    proc = trainer("train", *SMOKE, "--epochs", "4", "--data-dir", data_dir, env=env)
+    client, run = None, None
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait for the 2nd epoch's checkpoint, then kill mid-training
+        client, runs = runs_of(uri)
+        if runs and runs[0].data.tags.get("last_checkpoint") == "checkpoints/epoch_02.pt":
+            run = runs[0]
+            break
+        time.sleep(0.2)
+    assert run is not None, "no checkpoint after epoch 2"
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode != 0 and "Traceback" not in output, output
+    killed = client.get_run(run.info.run_id)
+    assert killed.info.status == "KILLED"
+    done_epochs = int(killed.data.tags["last_checkpoint"][-5:-3])
+    assert done_epochs in (2, 3)  # the epoch in flight when SIGTERM came is lost, nothing before it
+
+    resumed = trainer("train", "--resume", run.info.run_id, "--data-dir", data_dir, env=env)
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, output
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+    straight = trainer("train", *SMOKE, "--epochs", "4", "--data-dir", data_dir, env=env)
+    assert straight.communicate(timeout=300)[0] and straight.returncode == 0
+    _, runs = runs_of(uri)
+    other = next(r for r in runs if r.info.run_id != run.info.run_id)
+    assert per_epoch(client, run.info.run_id) == per_epoch(client, other.info.run_id)
+    assert [s for s, _ in per_epoch(client, run.info.run_id)["test_acc"]] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_a_tampered_checkpoint(data_dir, tmp_path, store, run_cli):
+    result = run_cli("train", *SMOKE, "--epochs", "1", "--data-dir", data_dir)
+    assert result.exit_code == 0, result.output
+    client, (run,) = runs_of(store, "tests")
+    client.set_terminated(run.info.run_id, "KILLED")
+    checkpoint = next(Path(run.info.artifact_uri.removeprefix("file://")).glob("checkpoints/epoch_01.pt"))
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])  # truncated
+    result = run_cli("train", "--resume", run.info.run_id, "--data-dir", data_dir)
+    assert result.exit_code == 1 and "unreadable" in result.output and "Traceback" not in result.output
+
+    evil = subprocess.run(
+        [sys.executable, "-c", f"import torch, os; torch.save({{'epoch': os}}, {str(checkpoint)!r})"],
+        capture_output=True,
+    )
+    if evil.returncode == 0:  # a pickle that would import arbitrary objects is refused, never executed
+        result = run_cli("train", "--resume", run.info.run_id, "--data-dir", data_dir)
+        assert result.exit_code == 1 and "unreadable" in result.output
+
+
+def test_nan_loss_fails_the_run_with_the_reason_and_keeps_the_last_good_checkpoint(data_dir, store, run_cli):
+    exploding = ["--scheduler", "step", "--step-size", "1", "--gamma", "1e6", "--lr", "0.01"]  # lr x1e6 per epoch
+    result = run_cli("train", *SMOKE, "--model", "tiny", "--epochs", "3", *exploding, "--data-dir", data_dir)
+    assert result.exit_code == 1 and "non-finite" in result.output, result.output
+    client, (run,) = runs_of(store, "tests")
+    assert run.info.status == "FAILED"
+    assert "non-finite training loss" in run.data.tags["failure_reason"]
+    assert run.data.tags["last_checkpoint"] == "checkpoints/epoch_01.pt"
+
+
+def test_unreachable_tracking_server_is_reported_before_training(run_cli, monkeypatch, data_dir):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    started = time.time()
+    result = run_cli("train", "--model", "step5", "--subset", "100", "--data-dir", data_dir)
+    assert result.exit_code == 1 and "http://127.0.0.1:9 is unreachable" in result.output
+    assert "Traceback" not in result.output and time.time() - started < 30
+
+
+def test_store_in_a_missing_folder_is_reported(run_cli, monkeypatch, tmp_path, data_dir):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/missing/mlflow.db")
+    result = run_cli("train", "--subset", "100", "--data-dir", data_dir)
+    assert result.exit_code == 1 and "missing or not writable" in result.output
+
+
+def run_four_at_once(uri, data_dir, cwd):
+    procs = [
+        trainer(
+            "train",
+            "--model",
+            "step5",
+            "--subset",
+            "500",
+            "--epochs",
+            "2",
+            "--workers",
+            "0",
+            "--seed",
+            seed,
+            "--data-dir",
+            data_dir,
+            env=store_env(uri),
+            cwd=cwd,
+        )  # fmt: skip
+        for seed in (1, 2, 3, 4)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out
+        assert "database is locked" not in out
+    client, runs = runs_of(uri)
+    assert sorted(r.info.run_name for r in runs) == ["step5-s1", "step5-s2", "step5-s3", "step5-s4"]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert {"model", "epochs", "lr", "num_params", "seed"} <= set(run.data.params)
+        assert all([s for s, _ in v] == [1, 2] for v in per_epoch(client, run.info.run_id).values())
+        source = f"source_run_id = '{run.info.run_id}'"
+        assert client.search_logged_models([run.info.experiment_id], filter_string=source), "model not logged"
+
+
+def test_four_parallel_runs_into_one_sqlite_store(data_dir, tmp_path):
+    run_four_at_once(f"sqlite:///{tmp_path / 'fresh.db'}", data_dir, tmp_path)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    store = ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", tmp_path / "art"]
+    cmd = [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *store]
+    server = subprocess.Popen(list(map(str, cmd)), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if requests.get(f"{uri}/health", timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start")
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_four_parallel_runs_into_a_local_mlflow_server(data_dir, tmp_path, mlflow_server):
+    run_four_at_once(mlflow_server, data_dir, tmp_path)

@@ -1,0 +1,162 @@
+"""`trainer bench`: our pipeline against the compute floor and the write-ups' plain loop, in one run.
+
+1. floor: forward + backward + step on in-memory tensors, no augmentation;
+2. plain: torchvision RandomAffine on PIL images + ToTensor + Normalize, a default DataLoader and a
+   `.item()` every step (the write-ups' loop), at the same augmentation strength as ours;
+3. ours: one training epoch exactly as `trainer train` runs it, then its evaluation.
+Same model, batch size and thread settings for all three. Each is repeated; min and median reported.
+"""
+
+import json
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torchvision import transforms
+
+import models
+from trainer import engine
+from trainer.augment import ROTATE, SCALE, SHIFT
+from trainer.data import MNIST_MEAN, MNIST_STD, load_mnist
+
+
+def timed(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def floor(cfg, model, batches: int):
+    x = torch.randn(cfg.batch_size, 1, 28, 28)
+    y = torch.randint(0, 10, (cfg.batch_size,))
+    optimizer = engine.make_optimizer(cfg, model)
+
+    def run():
+        for _ in range(batches):
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    return run, batches * cfg.batch_size
+
+
+class PILDataset(torch.utils.data.Dataset):
+    """The write-ups' dataset: a PIL image per sample through torchvision transforms."""
+
+    def __init__(self, images, labels, transform):
+        from PIL import Image
+
+        self.images = [Image.fromarray(im) for im in images.numpy()]
+        self.labels, self.transform = labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), self.labels[i]
+
+
+def plain(cfg, model, batches: int):
+    """torchvision affine with the parameters of our `standard` pipeline."""
+    transform = transforms.Compose(
+        [
+            transforms.RandomAffine(degrees=ROTATE, translate=(SHIFT, SHIFT), scale=(1 - SCALE, 1 + SCALE)),
+            transforms.ToTensor(),
+            transforms.Normalize((MNIST_MEAN,), (MNIST_STD,)),
+        ]
+    )
+    images, labels = load_mnist(cfg.data_dir, train=True, subset=batches * cfg.batch_size)
+    loader = torch.utils.data.DataLoader(PILDataset(images, labels, transform), batch_size=cfg.batch_size, shuffle=True)
+    optimizer = engine.make_optimizer(cfg, model)
+
+    def run():
+        model.train()
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss.item()
+
+    return run, len(labels)
+
+
+def ours(cfg, model, device):
+    train_loader, test_loader, sampler = engine.make_loaders(cfg, device)
+    optimizer = engine.make_optimizer(cfg, model)
+    scheduler = engine.make_scheduler(cfg, optimizer, len(train_loader))
+    eval_times = []
+
+    def run():
+        engine.train_one_epoch(model, train_loader, optimizer, scheduler, device, cfg.amp, desc="bench")
+        start = time.perf_counter()
+        engine.evaluate(model, test_loader, device, cfg.amp)
+        eval_times.append(time.perf_counter() - start)
+
+    return run, sampler.n, eval_times
+
+
+def bench(cfg: engine.Config, batches: int, repeats: int) -> dict:
+    device = engine.resolve_device(cfg.device)
+    engine.seed_everything(cfg.seed)
+    rows = {}
+    for name, make in (("floor", floor), ("plain", plain)):
+        model = models.get_model(cfg.model, cfg.dropout).train()
+        run, images = make(cfg, model, batches)
+        run()  # warm-up
+        times = timed(run, repeats)
+        rows[name] = {"images": images, "min_s": min(times), "median_s": statistics.median(times)}
+    model = models.get_model(cfg.model, cfg.dropout).to(device)
+    run, images, eval_times = ours(cfg, model, device)
+    times = timed(run, repeats)
+    train_times = [t - e for t, e in zip(times, eval_times, strict=True)]
+    rows["ours"] = {"images": images, "min_s": min(train_times), "median_s": statistics.median(train_times)}
+    for row in rows.values():
+        row["images_per_s"] = row["images"] / row["median_s"]
+        row["best_images_per_s"] = row["images"] / row["min_s"]
+    rss_mb = max(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    )
+    return {
+        "model": cfg.model,
+        "batch_size": cfg.batch_size,
+        "augment": cfg.augment,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "workers": engine.default_workers() if cfg.workers is None else cfg.workers,
+        "repeats": repeats,
+        "rows": rows,
+        "ours_over_plain": rows["ours"]["images_per_s"] / rows["plain"]["images_per_s"],
+        "ours_over_floor": rows["ours"]["images_per_s"] / rows["floor"]["images_per_s"],
+        "eval_share_of_epoch": statistics.median(e / t for e, t in zip(eval_times, times, strict=True)),
+        "peak_rss_mb": rss_mb / 1024,
+    }
+
+
+def table(result: dict) -> str:
+    lines = [
+        f"model {result['model']}, batch {result['batch_size']}, augment {result['augment']}, "
+        f"device {result['device']}, {result['threads']} threads, {result['workers']} workers, "
+        f"{result['repeats']} repeats",
+        f"{'':8s} {'images':>8s} {'img/s (median)':>15s} {'img/s (best)':>13s}",
+    ]
+    for name, row in result["rows"].items():
+        lines.append(f"{name:8s} {row['images']:>8d} {row['images_per_s']:>15,.0f} {row['best_images_per_s']:>13,.0f}")
+    lines += [
+        f"ours / plain: {result['ours_over_plain']:.2f}   ours / floor: {result['ours_over_floor']:.2f}",
+        f"evaluation: {100 * result['eval_share_of_epoch']:.1f}% of the epoch   "
+        f"peak RSS: {result['peak_rss_mb']:.0f} MB",
+    ]
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path) -> None:
+    from trainer.data import atomic_write
+
+    atomic_write(path, json.dumps(result, indent=2).encode())
