@@ -103,6 +103,7 @@ def step4(dropout: float = 0.0) -> nn.Module:
     pct_start=0.2,
     dropout=0.03,
     augment="standard",
+    batch_size=64,
 )
 def step5(dropout: float = 0.03) -> nn.Module:
     return skeleton(bn=True, dropout=dropout)

@@ -113,7 +113,7 @@ def bench(cfg: engine.Config, batches: int, repeats: int) -> dict:
         times = timed(run, repeats)
         rows[name] = {"images": images, "min_s": min(times), "median_s": statistics.median(times)}
     model = models.get_model(cfg.model, cfg.dropout).to(device)
-    run, images, eval_times = ours(cfg, model, device)
+    run, images, eval_times = ours(cfg, torch.compile(model) if cfg.compile else model, device)
     times = timed(run, repeats)
     train_times = [t - e for t, e in zip(times, eval_times, strict=True)]
     rows["ours"] = {"images": images, "min_s": min(train_times), "median_s": statistics.median(train_times)}

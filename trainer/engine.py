@@ -212,15 +212,16 @@ def fit(cfg: Config, model, device, on_epoch, start_epoch: int = 1, state: dict 
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+    step_model = torch.compile(model) if cfg.compile else model  # shares its parameters with `model`
     for epoch in range(start_epoch, cfg.epochs + 1):
         seed_everything(cfg.seed * 1_000 + epoch)  # dropout masks depend on (seed, epoch) only
         sampler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
         metrics = train_one_epoch(
-            model, train_loader, optimizer, scheduler, device, cfg.amp, desc=f"epoch {epoch}/{cfg.epochs}"
+            step_model, train_loader, optimizer, scheduler, device, cfg.amp, desc=f"epoch {epoch}/{cfg.epochs}"
         )
-        metrics.update(evaluate(model, test_loader, device, cfg.amp))
+        metrics.update(evaluate(step_model, test_loader, device, cfg.amp))
         metrics.update(lr=lr, epoch_seconds=time.perf_counter() - t0)
         print(
             f"epoch {epoch:2d}/{cfg.epochs}  lr {lr:.5f}  train loss {metrics['train_loss']:.4f} "
