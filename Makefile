@@ -1,15 +1,17 @@
 # The two commands of the README: `make train` and `make test`. Both set up .venv first if missing.
+# `make train MODEL=step3 TRAIN_ARGS='-P seed=2 -P epochs=5'` passes MLproject parameters through.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 MODEL ?= step5
+TRAIN_ARGS ?=
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
+export MLFLOW_EXPERIMENT_NAME ?= mnist8k
 
 .PHONY: setup data train test lint bench clean
 
 $(BIN)/trainer: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
@@ -19,7 +21,8 @@ data: setup
 	$(BIN)/trainer data
 
 train: data
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow run . --env-manager local -P model=$(MODEL)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow run . --env-manager local --experiment-name $(MLFLOW_EXPERIMENT_NAME) \
+		-P model=$(MODEL) $(TRAIN_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

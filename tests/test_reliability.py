@@ -91,12 +91,12 @@ def test_resume_refuses_a_tampered_checkpoint(data_dir, tmp_path, store, run_cli
     assert result.exit_code == 1 and "unreadable" in result.output and "Traceback" not in result.output
 
     evil = subprocess.run(
-        [sys.executable, "-c", f"import torch, os; torch.save({{'epoch': os}}, {str(checkpoint)!r})"],
+        [sys.executable, "-c", f"import torch, os; torch.save({{'epoch': os.system}}, {str(checkpoint)!r})"],
         capture_output=True,
     )
-    if evil.returncode == 0:  # a pickle that would import arbitrary objects is refused, never executed
-        result = run_cli("train", "--resume", run.info.run_id, "--data-dir", data_dir)
-        assert result.exit_code == 1 and "unreadable" in result.output
+    assert evil.returncode == 0, evil.stderr
+    result = run_cli("train", "--resume", run.info.run_id, "--data-dir", data_dir)  # a pickle naming os.system
+    assert result.exit_code == 1 and "unreadable" in result.output
 
 
 def test_nan_loss_fails_the_run_with_the_reason_and_keeps_the_last_good_checkpoint(data_dir, store, run_cli):

@@ -6,6 +6,7 @@ KILLED; either way the checkpoint of the last completed epoch is already in the 
 """
 
 import fcntl
+import io
 import os
 import random
 import signal
@@ -114,7 +115,9 @@ def log_figure(fig, name: str) -> None:
 
 
 def checkpoint(state: dict, cfg: Config) -> dict:
-    """Everything a resume needs; only tensors and plain types, so torch.load(weights_only=True) reads it."""
+    """Model, optimizer, scheduler, epoch, RNG states and data order; tensors and plain types only, so
+    torch.load(weights_only=True) reads it. A resume needs no RNG state (every epoch reseeds from
+    (seed, epoch)); they are kept so that a checkpoint says everything about where the run stood."""
     np_state = np.random.get_state()
     return {
         **state,
@@ -131,10 +134,9 @@ def log_checkpoint(state: dict, cfg: Config, tmpdir: Path) -> None:
     """Write atomically, log as checkpoints/epoch_NN.pt, then point the tag at it (never at half a file)."""
     name = f"epoch_{state['epoch']:02d}.pt"
     path = tmpdir / name
-    buf = tempfile.SpooledTemporaryFile()
-    torch.save(checkpoint(state, cfg), buf)
-    buf.seek(0)
-    atomic_write(path, buf.read())
+    buffer = io.BytesIO()
+    torch.save(checkpoint(state, cfg), buffer)
+    atomic_write(path, buffer.getvalue())
     mlflow.log_artifact(str(path), artifact_path="checkpoints")
     mlflow.set_tag(CHECKPOINT_TAG, f"checkpoints/{name}")
     path.unlink()
