@@ -10,26 +10,27 @@ from mlflow.tracking import MlflowClient
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_mlflow_run_trains_and_tracks(data_dir, tmp_path):
-    bin_dir = Path(sys.executable).parent
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+BIN = Path(sys.executable).parent
+
+
+def mlflow_run(uri, cwd, *args):
+    """`mlflow run <repo> --env-manager local ARGS` with our venv first on PATH, into store `uri`."""
     env = {
         **os.environ,
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
         "MLFLOW_TRACKING_URI": uri,
         "MLFLOW_EXPERIMENT_NAME": "smoke",
     }
     env.pop("MLFLOW_RUN_ID", None)
-    params = ["-P", "model=step5", "-P", "epochs=1", "-P", "subset=500", "-P", f"data_dir={Path(data_dir).resolve()}"]
-    done = subprocess.run(
-        [bin_dir / "mlflow", "run", ROOT, "--env-manager", "local", *params],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    cmd = [BIN / "mlflow", "run", ROOT, "--env-manager", "local", *args]
+    done = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_mlflow_run_trains_and_tracks(data_dir, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    data = f"data_dir={Path(data_dir).resolve()}"
+    mlflow_run(uri, tmp_path, "-P", "model=step5", "-P", "epochs=1", "-P", "subset=500", "-P", data)
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
     by_name = {r.info.run_name: r for r in runs}
@@ -39,3 +40,17 @@ def test_mlflow_run_trains_and_tracks(data_dir, tmp_path):
     assert "test_acc" in training.data.metrics
     project_run = client.get_run(training.data.tags["mlflow.parentRunId"])
     assert project_run.info.status == "FINISHED" and project_run.data.params["lr"] == "recipe"
+
+
+def test_sweep_and_report_entry_points(data_dir, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    data = f"data_dir={Path(data_dir).resolve()}"
+    mlflow_run(uri, tmp_path, "-e", "sweep", "-P", "models=tiny", "-P", "seeds=1,2", "-P", "epochs=1",
+               "-P", "subset=300", "-P", data)  # fmt: skip
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.data.params["models"] == "tiny" and parent.data.metrics["failed_runs"] == 0
+    assert sorted(r.info.run_name for r in runs if r.info.run_id != parent.info.run_id) == ["tiny-s1", "tiny-s2"]
+    mlflow_run(uri, tmp_path, "-e", "report", "-P", f"out={tmp_path / 'results.md'}")
+    assert "## Results" in (tmp_path / "results.md").read_text()

@@ -137,11 +137,13 @@ def make_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
     """Every schedule steps once per batch, so all of them are handled the same way."""
     total = cfg.epochs * steps_per_epoch
     if cfg.scheduler == "onecycle":
+        if total < 4:
+            raise ValueError(f"onecycle needs at least 4 steps, this run has {total}: use more epochs or data")
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=cfg.lr,
             total_steps=total,
-            pct_start=cfg.pct_start,
+            pct_start=max(cfg.pct_start, 2 / total),  # at least one warm-up step on short smoke runs
             div_factor=cfg.div_factor,
             final_div_factor=cfg.final_div_factor,
         )

@@ -12,6 +12,7 @@ import random
 import signal
 import subprocess
 import tempfile
+import traceback
 from contextlib import ExitStack, contextmanager
 from dataclasses import fields
 from pathlib import Path
@@ -332,6 +333,7 @@ def sweep(configs: list[Config]) -> int:
             except Exception as e:  # the child run is already ended FAILED; keep going
                 failed += 1
                 print(f"{cfg.model}-s{cfg.seed} failed: {type(e).__name__}: {e}")
+                mlflow.log_text(traceback.format_exc(), f"failures/{cfg.model}-s{cfg.seed}.txt")
         for model, summaries in results.items():
             for key in ("best_test_acc", "last3_min_test_acc"):
                 values = [s[key] for s in summaries]
