@@ -37,7 +37,8 @@ class Variant:
     recipe: dict = field(default_factory=dict)
     target: str = ""
     analysis: str = ""
-    claim: str = ""  # reproductions: what the write-up reports
+    claim: str = ""  # reproductions: what the write-up reports ...
+    claim_check: tuple[int, int, float] | None = None  # ... as (first epoch, last epoch, min test acc %)
 
     def build(self, dropout: float | None = None) -> nn.Module:
         return self.builder(dropout=self.recipe["dropout"] if dropout is None else dropout)
@@ -46,14 +47,17 @@ class Variant:
 _REGISTRY: dict[str, Variant] = {}
 
 
-def register(name: str, description: str, target: str = "", analysis: str = "", claim: str = "", **recipe):
+def register(
+    name: str, description: str, target: str = "", analysis: str = "", claim: str = "", claim_check=None, **recipe
+):
     """Register `builder(dropout=...) -> nn.Module` under `name` with its recipe overrides."""
     unknown = set(recipe) - set(DEFAULT_RECIPE)
     if unknown:
         raise TypeError(f"{name}: unknown recipe keys {sorted(unknown)}")
 
     def deco(builder):
-        _REGISTRY[name] = Variant(name, builder, description, {**DEFAULT_RECIPE, **recipe}, target, analysis, claim)
+        recipe_ = {**DEFAULT_RECIPE, **recipe}
+        _REGISTRY[name] = Variant(name, builder, description, recipe_, target, analysis, claim, claim_check)
         return builder
 
     return deco

@@ -129,10 +129,10 @@ def step5(dropout: float = 0.03) -> nn.Module:
 )
 def tiny(dropout: float = 0.0) -> nn.Module:
     return nn.Sequential(
-        *block(1, 8, True, dropout),  # 26x26  RF: 3 (1)
-        *block(8, 10, True, dropout),  # 24x24  RF: 5 (1)
+        *block(1, 6, True, dropout),  # 26x26  RF: 3 (1)
+        *block(6, 12, True, dropout),  # 24x24  RF: 5 (1)
         nn.MaxPool2d(2),  # 12x12  RF: 6 (2)
-        *block(10, 12, True, dropout),  # 10x10  RF: 10 (2)
+        *block(12, 12, True, dropout),  # 10x10  RF: 10 (2)
         *block(12, 12, True, dropout),  # 8x8  RF: 14 (2)
         nn.MaxPool2d(2),  # 4x4  RF: 16 (4)
         *block(12, 12, True, dropout, padding=1),  # 4x4  RF: 24 (4)

@@ -97,3 +97,13 @@ def test_summary_prints_layers_params_rf_and_the_budget(run_cli):
     assert conv.split()[1:] == ["10x24x24", "720", "5", "1"]
     result = run_cli("summary", "vgg")
     assert result.exit_code == 2 and "valid names" in result.output
+
+
+def test_claim_verdict_compares_the_same_epochs():
+    def result(accs):
+        return results.Result("id", "ref-s1", "ref7944", 1, 7944, len(accs), accs, accs, {}, 1.0)
+
+    verdict = results.claim_verdict((2, 3, 99.40), {1: result([98.0, 99.45, 99.41, 97.0])})
+    assert "seed 1: 99.41%" in verdict and verdict.endswith("reproduced.")
+    verdict = results.claim_verdict((2, 3, 99.40), {1: result([98.0, 99.45, 99.30]), 2: result([99, 99.5, 99.5])})
+    assert "not reproduced" in verdict and "short by up to 0.10 points" in verdict

@@ -136,9 +136,24 @@ def variant_section(name: str, seeds: dict[int, Result]) -> str:
             last5 = ", ".join(f"{a:.2f}" for a in r.test_acc[-5:])
             lines.append(f"- seed {seed} (run `{r.run_id[:8]}`), test accuracy in the last 5 epochs: {last5}")
         lines.append("")
+    if variant.claim_check and seeds:
+        lines += [claim_verdict(variant.claim_check, seeds), ""]
     if variant.analysis:
         lines += [f"**Analysis:** {variant.analysis}", ""]
     return "\n".join(lines)
+
+
+def claim_verdict(check: tuple[int, int, float], seeds: dict[int, Result]) -> str:
+    """Our runs against the write-up's claim: the minimum test accuracy over the same epochs."""
+    first, last, claimed = check
+    ours = {seed: min(r.test_acc[first - 1 : last]) for seed, r in sorted(seeds.items())}
+    held = all(acc >= claimed for acc in ours.values())
+    numbers = ", ".join(f"seed {seed}: {acc:.2f}%" for seed, acc in ours.items())
+    verdict = "reproduced" if held else f"**not reproduced**: short by up to {claimed - min(ours.values()):.2f} points"
+    return (
+        f"**Against the claim:** minimum test accuracy in epochs {first}-{last} ({numbers}) "
+        f"vs claimed {claimed:.2f}%: {verdict}."
+    )
 
 
 def report(experiment: str | None = None) -> str:
