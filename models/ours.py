@@ -125,7 +125,7 @@ def step5(dropout: float = 0.03) -> nn.Module:
     pct_start=0.2,
     dropout=0.0,
     augment="standard",
-    batch_size=64,
+    batch_size=32,
 )
 def tiny(dropout: float = 0.0) -> nn.Module:
     return nn.Sequential(
