@@ -13,6 +13,7 @@ def test_bench_tiny_mode_prints_the_table_and_writes_json(run_cli, data_dir, tmp
         assert label in result.output
     data = json.loads(out.read_text())
     rows = data["rows"]
-    assert rows["floor"]["images"] == rows["plain"]["images"] == 3 * 128 and rows["ours"]["images"] == 512
+    batch = data["batch_size"]  # step5's recipe
+    assert rows["floor"]["images"] == rows["plain"]["images"] == 3 * batch and rows["ours"]["images"] == 512
     assert data["ours_over_plain"] == rows["ours"]["images_per_s"] / rows["plain"]["images_per_s"]
     assert 0 < data["eval_share_of_epoch"] < 1 and data["peak_rss_mb"] > 0
