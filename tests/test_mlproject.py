@@ -21,7 +21,8 @@ def mlflow_run(uri, cwd, *args):
         "MLFLOW_TRACKING_URI": uri,
         "MLFLOW_EXPERIMENT_NAME": "smoke",
     }
-    env.pop("MLFLOW_RUN_ID", None)
+    for leaked in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):  # set by in-process runs of earlier tests
+        env.pop(leaked, None)
     cmd = [BIN / "mlflow", "run", ROOT, "--env-manager", "local", *args]
     done = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
