@@ -59,6 +59,7 @@ def test_metrics_per_epoch_with_steps_and_the_summary(tracked):
     assert SUMMARY <= set(run.data.metrics)
     assert run.data.metrics["best_epoch"] == 1 and run.data.metrics["target_met"] == 0  # 1 epoch on 2k images
     assert 10 < run.data.metrics["test_acc"] <= 100
+    assert 100 < run.data.metrics["peak_rss_mb"] < 64_000  # MB of this process (torch alone is > 100 MB)
 
 
 def test_tags(tracked):

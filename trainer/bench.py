@@ -8,7 +8,6 @@ Same model, batch size and thread settings for all three. Each is repeated; min 
 """
 
 import json
-import resource
 import statistics
 import time
 
@@ -120,9 +119,6 @@ def bench(cfg: engine.Config, batches: int, repeats: int) -> dict:
     for row in rows.values():
         row["images_per_s"] = row["images"] / row["median_s"]
         row["best_images_per_s"] = row["images"] / row["min_s"]
-    rss_mb = max(
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    )
     return {
         "model": cfg.model,
         "batch_size": cfg.batch_size,
@@ -135,7 +131,7 @@ def bench(cfg: engine.Config, batches: int, repeats: int) -> dict:
         "ours_over_plain": rows["ours"]["images_per_s"] / rows["plain"]["images_per_s"],
         "ours_over_floor": rows["ours"]["images_per_s"] / rows["floor"]["images_per_s"],
         "eval_share_of_epoch": statistics.median(e / t for e, t in zip(eval_times, times, strict=True)),
-        "peak_rss_mb": rss_mb / 1024,
+        "peak_rss_mb": engine.peak_rss_mb(),
     }
 
 

@@ -6,6 +6,7 @@ and the tracking layer logs what it is handed.
 
 import os
 import random
+import resource
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -92,6 +93,16 @@ def default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
+def _nice(_):
+    os.nice(int(os.environ["XNICE"]))
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process or of its largest finished child (DataLoader workers), MB."""
+    kb = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return kb / 1024
+
+
 def make_loaders(cfg: Config, device: torch.device):
     """Train loader (augmented, reproducible order) and test loader (never augmented)."""
     workers = default_workers() if cfg.workers is None else cfg.workers
@@ -109,6 +120,7 @@ def make_loaders(cfg: Config, device: torch.device):
         pin_memory=pin,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=_nice if os.environ.get("XNICE") else None,
     )
     test_images = normalize(x_test)  # never augmented: normalised once, kept in memory
     test = torch.utils.data.DataLoader(

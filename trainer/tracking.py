@@ -31,7 +31,7 @@ import models
 from trainer import plots
 from trainer.augment import build_augment
 from trainer.data import atomic_write, load_mnist
-from trainer.engine import Config, NonFiniteLoss, fit, resolve_device, seed_everything
+from trainer.engine import Config, NonFiniteLoss, fit, peak_rss_mb, resolve_device, seed_everything
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "mnist8k"
@@ -211,6 +211,7 @@ def train(cfg: Config, resume_run_id: str | None = None) -> dict:
                 mlflow.log_metrics(summary)
                 log_artifacts_at_end(history, test_loader, last["preds"])
                 log_model(model, device)
+                mlflow.log_metric("peak_rss_mb", peak_rss_mb())  # fit's workers have exited: counted
         except NonFiniteLoss as e:
             mlflow.set_tag("failure_reason", str(e))
             raise
