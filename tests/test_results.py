@@ -9,9 +9,10 @@ from trainer import results
 from trainer.engine import Config
 
 
-def log_fake_run(model, seed, test_acc, subset=None, status="FINISHED"):
+def log_fake_run(model, seed, test_acc, subset=None, status="FINISHED", **overrides):
     """A run shaped like `trainer train` logs it (params, tags, per-epoch metrics, summary)."""
-    cfg = Config.from_recipe(model, models.get_variant(model).recipe, seed=seed, epochs=len(test_acc), subset=subset)
+    recipe = models.get_variant(model).recipe
+    cfg = Config.from_recipe(model, recipe, seed=seed, epochs=len(test_acc), subset=subset, **overrides)
     n_params = models.num_params(models.get_model(model))
     with mlflow.start_run(run_name=f"{model}-s{seed}") as run:
         mlflow.log_params({**cfg.as_params(), "num_params": n_params})
@@ -42,6 +43,7 @@ def fake_runs(store):
     log_fake_run("step1", 1, [98.0, 98.5, 98.9, 99.0, 99.1])
     log_fake_run("step5", 3, [99.9, 99.9, 99.9, 99.9, 99.9], subset=500)  # a smoke run: never a result
     log_fake_run("step5", 4, [99.9, 99.9, 99.9], status="KILLED")  # unfinished: never a result
+    log_fake_run("step1", 1, [97.0, 97.5, 97.7], lr=0.05)  # newest step1-s1, but not step1's recipe
     mlflow.end_run()
 
 
@@ -52,7 +54,7 @@ def test_compare_lists_finished_full_runs_with_the_ui_columns(fake_runs, run_cli
     for column in results.COMPARE_COLUMNS:
         assert column in lines[0]
     body = "\n".join(lines[2:])
-    assert len(lines[2:]) == 3 and "step5-s3" not in body and "step5-s4" not in body
+    assert len(lines[2:]) == 4 and "step5-s3" not in body and "step5-s4" not in body
     row = next(line for line in lines if line.startswith("step5-s1"))
     assert "99.50 (5)" in row and "99.41" in row and "yes" in row
     row = next(line for line in lines if line.startswith("step5-s2"))
@@ -61,7 +63,7 @@ def test_compare_lists_finished_full_runs_with_the_ui_columns(fake_runs, run_cli
 
 def test_compare_filter_and_unknown_experiment(fake_runs, run_cli):
     result = run_cli("compare", "--filter", "params.model = 'step1'")
-    assert [line.split()[0] for line in result.output.splitlines()[2:]] == ["step1-s1"]
+    assert [line.split()[0] for line in result.output.splitlines()[2:]] == ["step1-s1", "step1-s1"]
     result = run_cli("compare", "--experiment", "nope")
     assert result.exit_code == 1 and "no experiment named 'nope'" in result.output
 
@@ -75,6 +77,7 @@ def test_report_pulls_every_number_from_the_runs(fake_runs, run_cli, tmp_path):
     assert "| step1 | 98.60 | 99.10 | 99.00 | 73,514 | 5 | 0/1 |" in text
     assert "seed 2 (run" in text and "99.42, 99.38, 99.46" in text
     assert "99.90" not in text  # neither the smoke run nor the killed run
+    assert "97.70" not in text  # nor the run that overrode step1's lr
     for name in models.list_models():
         assert f"### {name}" in text
     assert "**Write-up's claim:**" in text and "no full tracked run yet" in text

@@ -16,16 +16,6 @@ ROTATE, SHIFT, SCALE = 8, 0.06, 0.06  # `standard`: +-degrees, +-fraction of the
 AUGMENTS = {
     "none": [],
     "light": [A.Rotate(limit=7, border_mode=0, fill=0, p=1.0)],
-    "mild": [  # half of standard's shift and scale: for models too small to fit standard's images
-        A.Affine(
-            rotate=(-ROTATE, ROTATE),
-            translate_percent=(-SHIFT / 2, SHIFT / 2),
-            scale=(1 - SCALE / 2, 1 + SCALE / 2),
-            border_mode=0,
-            fill=0,
-            p=1.0,
-        )
-    ],
     "standard": [
         A.Affine(
             rotate=(-ROTATE, ROTATE),
