@@ -4,8 +4,7 @@
 2. plain: torchvision RandomAffine on PIL images + ToTensor + Normalize, a default DataLoader and a
    `.item()` every step (the write-ups' loop), at the same augmentation strength as ours;
 3. ours: one training epoch exactly as `trainer train` runs it, then its evaluation.
-Same model and batch size for all three. floor and plain compute on every core; ours, as `trainer train`
-does, on the cores its augmentation workers leave free. Each is repeated; min and median reported.
+Same model, batch size and thread settings for all three. Each is repeated; min and median reported.
 """
 
 import json
@@ -88,7 +87,6 @@ def plain(cfg, model, batches: int):
 
 
 def ours(cfg, model, device):
-    engine.use_free_cores(cfg, device)
     train_loader, test_loader, sampler = engine.make_loaders(cfg, device)
     optimizer = engine.make_optimizer(cfg, model)
     scheduler = engine.make_scheduler(cfg, optimizer, len(train_loader))
@@ -106,7 +104,7 @@ def ours(cfg, model, device):
 def bench(cfg: engine.Config, batches: int, repeats: int) -> dict:
     device = engine.resolve_device(cfg.device)
     engine.seed_everything(cfg.seed)
-    rows, threads = {}, torch.get_num_threads()
+    rows = {}
     for name, make in (("floor", floor), ("plain", plain)):
         model = models.get_model(cfg.model, cfg.dropout).train()
         run, images = make(cfg, model, batches)
@@ -126,9 +124,8 @@ def bench(cfg: engine.Config, batches: int, repeats: int) -> dict:
         "batch_size": cfg.batch_size,
         "augment": cfg.augment,
         "device": str(device),
-        "threads": threads,  # floor and plain
-        "ours_threads": torch.get_num_threads(),
-        "workers": engine.workers_of(cfg),
+        "threads": torch.get_num_threads(),
+        "workers": engine.default_workers() if cfg.workers is None else cfg.workers,
         "repeats": repeats,
         "rows": rows,
         "ours_over_plain": rows["ours"]["images_per_s"] / rows["plain"]["images_per_s"],
@@ -141,8 +138,8 @@ def bench(cfg: engine.Config, batches: int, repeats: int) -> dict:
 def table(result: dict) -> str:
     lines = [
         f"model {result['model']}, batch {result['batch_size']}, augment {result['augment']}, "
-        f"device {result['device']}, {result['repeats']} repeats; floor and plain: {result['threads']} threads; "
-        f"ours: {result['ours_threads']} threads + {result['workers']} workers",
+        f"device {result['device']}, {result['threads']} threads, {result['workers']} workers, "
+        f"{result['repeats']} repeats",
         f"{'':8s} {'images':>8s} {'img/s (median)':>15s} {'img/s (best)':>13s}",
     ]
     for name, row in result["rows"].items():

@@ -8,7 +8,6 @@ import os
 import random
 import resource
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -89,17 +88,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def workers_of(cfg: Config) -> int:
-    return default_workers() if cfg.workers is None else cfg.workers
-
-
-def use_free_cores(cfg: Config, device: torch.device) -> None:
-    """On CPU, compute on the cores the augmentation workers leave free (OMP_NUM_THREADS wins if set):
-    a worker sharing a core with the compute threads stalls all of them at every op (see README, Speed)."""
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers_of(cfg)))
-
-
 def default_workers() -> int:
     """Augmentation workers: one core stays with the training process, the rest augment."""
     return max(1, min(8, (os.cpu_count() or 2) - 1))
@@ -113,7 +101,7 @@ def peak_rss_mb() -> float:
 
 def make_loaders(cfg: Config, device: torch.device):
     """Train loader (augmented, reproducible order) and test loader (never augmented)."""
-    workers = workers_of(cfg)
+    workers = default_workers() if cfg.workers is None else cfg.workers
     pin = device.type == "cuda"
     x_train, y_train = load_mnist(cfg.data_dir, train=True, subset=cfg.subset)
     x_test, y_test = load_mnist(cfg.data_dir, train=False, subset=cfg.subset)
@@ -205,30 +193,17 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, amp=False, desc
     return {"train_loss": loss_sum.item() / seen, "train_acc": 100.0 * correct.item() / seen}
 
 
-@contextmanager
-def all_cores(device: torch.device):
-    """Evaluation runs with no augmentation beside it: on CPU it computes on every core."""
-    before = torch.get_num_threads()
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(os.cpu_count() or 1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @torch.inference_mode()
 def evaluate(model, loader, device, amp=False) -> dict:
     """Test loss and accuracy; `preds` (CPU tensor) feeds the confusion matrix and error grid."""
     model.eval()
     loss_sum, preds = torch.zeros((), device=device), []
-    with all_cores(device):
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(device, amp):
-                out = model(x)
-            loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
-            preds.append(out.argmax(1))
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, amp):
+            out = model(x)
+        loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
+        preds.append(out.argmax(1))
     preds = torch.cat(preds).cpu()
     targets = loader.dataset.tensors[1]
     return {
@@ -240,7 +215,6 @@ def evaluate(model, loader, device, amp=False) -> dict:
 
 def fit(cfg: Config, model, device, on_epoch, start_epoch: int = 1, state: dict | None = None):
     """Train epochs start_epoch..cfg.epochs; after each, call on_epoch(epoch, metrics, state)."""
-    use_free_cores(cfg, device)
     train_loader, test_loader, sampler = make_loaders(cfg, device)
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer, len(train_loader))
