@@ -99,8 +99,9 @@ def step4(dropout: float = 0.0) -> nn.Module:
     "step4 + dropout 0.03 + albumentations affine augmentation: our answer (7,574 params)",
     target="Regularise: dropout after every 3x3 block and affine augmentation (rotate, shift, scale), "
     "to reach >= 99.4% in every one of the last epochs, on every seed.",
-    analysis="Train accuracy now sits below test accuracy (the task got harder, not the test), and the "
-    "last epochs stay above the target on every seed we ran.",
+    analysis="Train accuracy now sits below test accuracy (the task got harder, not the test). Seeds 1-3 "
+    "hold >= 99.40% in each of epochs 11-15. Seed 4, never used for tuning, dips to 99.39% at epoch 11 "
+    "before 99.45-99.52%: the last 3 epochs hold on every seed, epochs 11-15 not quite.",
     scheduler="onecycle",
     lr=0.1,
     nesterov=True,
