@@ -114,6 +114,23 @@ def step5(dropout: float = 0.03) -> nn.Module:
     return skeleton(bn=True, dropout=dropout)
 
 
+def two_pool(channels: tuple[int, int, int, int, int], dropout: float) -> nn.Module:
+    """tiny's layout: two 3x3 blocks, max-pool, two more, max-pool, a padded 3x3 at 4x4, GAP, 1x1 head."""
+    c1, c2, c3, c4, c5 = channels
+    return nn.Sequential(
+        *block(1, c1, True, dropout),  # 26x26  RF: 3 (1)
+        *block(c1, c2, True, dropout),  # 24x24  RF: 5 (1)
+        nn.MaxPool2d(2),  # 12x12  RF: 6 (2)
+        *block(c2, c3, True, dropout),  # 10x10  RF: 10 (2)
+        *block(c3, c4, True, dropout),  # 8x8  RF: 14 (2)
+        nn.MaxPool2d(2),  # 4x4  RF: 16 (4)
+        *block(c4, c5, True, dropout, padding=1),  # 4x4  RF: 24 (4)
+        nn.AdaptiveAvgPool2d(1),  # 1x1  RF: 36 (GAP over the 4x4 map)
+        nn.Conv2d(c5, 10, 1, bias=False),  # 1x1  RF: 36  the head: c5 x 10 params
+        nn.Flatten(),
+    )
+
+
 TINY_RECIPE = dict(
     scheduler="onecycle", lr=0.1, nesterov=True, pct_start=0.2, dropout=0.0, augment="standard", batch_size=64
 )
@@ -133,18 +150,7 @@ TINY_RECIPE = dict(
     **TINY_RECIPE,
 )
 def tiny(dropout: float = 0.0) -> nn.Module:
-    return nn.Sequential(
-        *block(1, 8, True, dropout),  # 26x26  RF: 3 (1)
-        *block(8, 10, True, dropout),  # 24x24  RF: 5 (1)
-        nn.MaxPool2d(2),  # 12x12  RF: 6 (2)
-        *block(10, 12, True, dropout),  # 10x10  RF: 10 (2)
-        *block(12, 12, True, dropout),  # 8x8  RF: 14 (2)
-        nn.MaxPool2d(2),  # 4x4  RF: 16 (4)
-        *block(12, 14, True, dropout, padding=1),  # 4x4  RF: 24 (4)
-        nn.AdaptiveAvgPool2d(1),  # 1x1  RF: 36 (GAP over the 4x4 map)
-        nn.Conv2d(14, 10, 1, bias=False),  # 1x1  RF: 36  the head: 140 params
-        nn.Flatten(),
-    )
+    return two_pool((8, 10, 12, 12, 14), dropout)
 
 
 @register(
@@ -157,15 +163,4 @@ def tiny(dropout: float = 0.0) -> nn.Module:
     **TINY_RECIPE,
 )
 def tiny4k(dropout: float = 0.0) -> nn.Module:
-    return nn.Sequential(
-        *block(1, 6, True, dropout),  # 26x26  RF: 3 (1)
-        *block(6, 8, True, dropout),  # 24x24  RF: 5 (1)
-        nn.MaxPool2d(2),  # 12x12  RF: 6 (2)
-        *block(8, 10, True, dropout),  # 10x10  RF: 10 (2)
-        *block(10, 12, True, dropout),  # 8x8  RF: 14 (2)
-        nn.MaxPool2d(2),  # 4x4  RF: 16 (4)
-        *block(12, 13, True, dropout, padding=1),  # 4x4  RF: 24 (4)
-        nn.AdaptiveAvgPool2d(1),  # 1x1  RF: 36 (GAP over the 4x4 map)
-        nn.Conv2d(13, 10, 1, bias=False),  # 1x1  RF: 36  the head: 130 params
-        nn.Flatten(),
-    )
+    return two_pool((6, 8, 10, 12, 13), dropout)
