@@ -5,6 +5,7 @@ Only finished full-data runs count as results; `--subset` smoke runs are tagged 
 
 import os
 from dataclasses import dataclass
+from functools import cache
 
 import mlflow
 import numpy as np
@@ -70,16 +71,22 @@ def load(run) -> Result:
     )
 
 
+@cache
+def recipe_params(name: str) -> dict[str, str]:
+    """The params a run of `name` logs when trained as the variant now stands (epochs aside)."""
+    variant = models.get_variant(name)
+    expected = {k: str(v) for k, v in variant.recipe.items() if k != "epochs"}
+    expected["num_params"] = str(models.num_params(variant.build()))
+    return expected
+
+
 def follows_recipe(run) -> bool:
     """Trained as its variant now stands: the current parameter count and the recipe's values (the
     epoch count aside, which the report shows). Runs with overrides stay in `trainer compare`."""
     p = run.data.params
     if p["model"] not in models.list_models():
         return False
-    variant = models.get_variant(p["model"])
-    expected = {k: str(v) for k, v in variant.recipe.items() if k != "epochs"}
-    expected["num_params"] = str(models.num_params(variant.build()))
-    return all(p.get(k) == v for k, v in expected.items())
+    return all(p.get(k) == v for k, v in recipe_params(p["model"]).items())
 
 
 def latest_per_seed(results: list[Result]) -> dict[str, dict[int, Result]]:
