@@ -26,6 +26,7 @@ DEFAULT_RECIPE = {
     "final_div_factor": 1e4,  # onecycle: final lr = initial lr / final_div_factor
     "augment": "none",  # none | light | standard
     "dropout": 0.0,
+    "ema": 0.0,  # decay of an exponential moving average of the weights, evaluated and saved (0 = off)
 }
 
 
@@ -39,6 +40,7 @@ class Variant:
     analysis: str = ""
     claim: str = ""  # reproductions: what the write-up reports ...
     claim_check: tuple[int, int, float] | None = None  # ... as (first epoch, last epoch, min test acc %)
+    hold_from: int | None = None  # our targets: every epoch from this one on reaches 99.4%
 
     def build(self, dropout: float | None = None) -> nn.Module:
         return self.builder(dropout=self.recipe["dropout"] if dropout is None else dropout)
@@ -48,7 +50,14 @@ _REGISTRY: dict[str, Variant] = {}
 
 
 def register(
-    name: str, description: str, target: str = "", analysis: str = "", claim: str = "", claim_check=None, **recipe
+    name: str,
+    description: str,
+    target: str = "",
+    analysis: str = "",
+    claim: str = "",
+    claim_check=None,
+    hold_from: int | None = None,
+    **recipe,
 ):
     """Register `builder(dropout=...) -> nn.Module` under `name` with its recipe overrides."""
     unknown = set(recipe) - set(DEFAULT_RECIPE)
@@ -57,7 +66,7 @@ def register(
 
     def deco(builder):
         recipe_ = {**DEFAULT_RECIPE, **recipe}
-        _REGISTRY[name] = Variant(name, builder, description, recipe_, target, analysis, claim, claim_check)
+        _REGISTRY[name] = Variant(name, builder, description, recipe_, target, analysis, claim, claim_check, hold_from)
         return builder
 
     return deco

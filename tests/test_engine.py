@@ -1,5 +1,7 @@
 """The engine on a small subset: it learns, it is reproducible by seed, it stops on a NaN loss."""
 
+import copy
+
 import pytest
 import torch
 
@@ -40,6 +42,27 @@ def test_same_seed_gives_the_same_metrics_epoch_for_epoch(data_dir):
     first, second = run(config(data_dir, seed=7)), run(config(data_dir, seed=7, workers=0))
     assert first == second  # worker count does not change the augmented images either
     assert run(config(data_dir, seed=8)) != first
+
+
+def fit_keeping_states(cfg):
+    """fit, keeping a copy of every epoch's checkpoint state: (model, test_loader, last metrics, states)."""
+    engine.seed_everything(cfg.seed)
+    model, states = models.get_model(cfg.model, cfg.dropout), []
+
+    def save(epoch, metrics, state):
+        states.append(copy.deepcopy(state))
+
+    test_loader, metrics = engine.fit(cfg, model, torch.device("cpu"), save)
+    return model, test_loader, metrics, states
+
+
+def test_with_an_ema_the_averaged_weights_are_evaluated_checkpointed_and_kept(data_dir):
+    model, test_loader, metrics, (state,) = fit_keeping_states(config(data_dir, ema=0.9, epochs=1))
+    live, averaged = state["model"]["0.weight"], state["ema"]["module.0.weight"]
+    assert not torch.equal(live, averaged)  # the checkpoint keeps both, for a resume
+    assert torch.equal(model.state_dict()["0.weight"], averaged)  # the model ends with the averaged weights
+    assert engine.evaluate(model, test_loader, torch.device("cpu"))["test_acc"] == metrics["test_acc"]
+    assert "ema" not in fit_keeping_states(config(data_dir, ema=0.0, epochs=1))[3][0]
 
 
 def test_non_finite_loss_stops_training(data_dir):

@@ -97,6 +97,11 @@ TRAIN_OPTIONS = [
     click.option("--pct-start", type=RecipeOr(click.FloatRange(0, 1, min_open=True, max_open=True))),
     click.option("--augment", callback=choice("augment", list(AUGMENTS)), help="none | light | standard"),
     click.option("--dropout", type=RecipeOr(click.FloatRange(0, 1, max_open=True))),
+    click.option(
+        "--ema",
+        type=RecipeOr(click.FloatRange(0, 1, max_open=True)),
+        help="Decay of a moving average of the weights, evaluated and saved instead (0 = off).",
+    ),
     click.option("--device", default="auto", show_default=True, callback=choice("device", engine.DEVICES)),
     click.option("--amp", is_flag=True, default=None, help="bf16 autocast (CUDA)."),
     click.option("--compile", "compile", is_flag=True, default=None, help="torch.compile the model."),

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from trainer.augment import EpochBatches, build_augment
@@ -45,6 +46,7 @@ class Config:
     final_div_factor: float
     augment: str
     dropout: float
+    ema: float
     seed: int = 1
     device: str = "auto"
     amp: bool = False
@@ -165,7 +167,14 @@ def autocast(device: torch.device, amp: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, device, amp=False, desc="train") -> dict:
+def make_ema(cfg: Config, model: torch.nn.Module) -> AveragedModel | None:
+    """An exponential moving average of the weights and BatchNorm statistics, updated every step."""
+    if not cfg.ema:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, device, amp=False, desc="train", ema=None) -> dict:
     """One pass over `loader`. Loss and accuracy are summed on the device; the host syncs every
     SYNC_EVERY steps only, to refresh the bar and stop at a non-finite loss."""
     model.train()
@@ -182,6 +191,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, amp=False, desc
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         loss_sum += loss.detach() * len(y)
         correct += (out.argmax(1) == y).sum()
         seen += len(y)
@@ -214,23 +225,28 @@ def evaluate(model, loader, device, amp=False) -> dict:
 
 
 def fit(cfg: Config, model, device, on_epoch, start_epoch: int = 1, state: dict | None = None):
-    """Train epochs start_epoch..cfg.epochs; after each, call on_epoch(epoch, metrics, state)."""
+    """Train epochs start_epoch..cfg.epochs; after each, call on_epoch(epoch, metrics, state).
+    With an EMA, the averaged weights are evaluated, and end up in `model` after the last epoch."""
     train_loader, test_loader, sampler = make_loaders(cfg, device)
     optimizer = make_optimizer(cfg, model)
     scheduler = make_scheduler(cfg, optimizer, len(train_loader))
+    ema = make_ema(cfg, model)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
     step_model = torch.compile(model) if cfg.compile else model  # shares its parameters with `model`
+    eval_model = step_model if ema is None else ema.module
     for epoch in range(start_epoch, cfg.epochs + 1):
         seed_everything(cfg.seed * 1_000 + epoch)  # dropout masks depend on (seed, epoch) only
         sampler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
         metrics = train_one_epoch(
-            step_model, train_loader, optimizer, scheduler, device, cfg.amp, desc=f"epoch {epoch}/{cfg.epochs}"
+            step_model, train_loader, optimizer, scheduler, device, cfg.amp, f"epoch {epoch}/{cfg.epochs}", ema
         )
-        metrics.update(evaluate(step_model, test_loader, device, cfg.amp))
+        metrics.update(evaluate(eval_model, test_loader, device, cfg.amp))
         metrics.update(lr=lr, epoch_seconds=time.perf_counter() - t0)
         print(
             f"epoch {epoch:2d}/{cfg.epochs}  lr {lr:.5f}  train loss {metrics['train_loss']:.4f} "
@@ -244,5 +260,9 @@ def fit(cfg: Config, model, device, on_epoch, start_epoch: int = 1, state: dict 
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
         }
+        if ema is not None:
+            state["ema"] = ema.state_dict()
         on_epoch(epoch, metrics, state)
+    if ema is not None:
+        model.load_state_dict(ema.module.state_dict())  # the weights that were evaluated are the ones saved
     return test_loader, metrics

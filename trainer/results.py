@@ -86,7 +86,8 @@ def follows_recipe(run) -> bool:
     p = run.data.params
     if p["model"] not in models.list_models():
         return False
-    return all(p.get(k) == v for k, v in recipe_params(p["model"]).items())
+    # a recipe key a run did not log did not exist yet: the run had the key's default
+    return all(p.get(k, str(models.DEFAULT_RECIPE.get(k))) == v for k, v in recipe_params(p["model"]).items())
 
 
 def latest_per_seed(results: list[Result]) -> dict[str, dict[int, Result]]:
@@ -128,6 +129,11 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join("| " + " | ".join(str(x) for x in row) + " |" for row in lines)
 
 
+def holds(r: Result, first_epoch: int) -> bool:
+    """Test accuracy >= the target in every epoch from `first_epoch` to the last (a shorter run: no)."""
+    return len(r.test_acc) >= first_epoch and min(r.test_acc[first_epoch - 1 :]) >= TARGET_ACC
+
+
 def target_met(r: Result, last: int = 3) -> bool:
     return min(r.test_acc[-last:]) >= TARGET_ACC and r.params < PARAM_LIMIT and r.epochs <= EPOCH_LIMIT
 
@@ -151,6 +157,13 @@ def variant_section(name: str, seeds: dict[int, Result]) -> str:
             f"- Seeds that met the target (>= {TARGET_ACC}% in each of the last 3 epochs, < 8k params): "
             f"{len(met)}/{len(seeds)} {met if met else ''}".rstrip(),
         ]
+        if variant.hold_from:
+            first = variant.hold_from
+            held = [s for s, r in sorted(seeds.items()) if holds(r, first)]
+            lines.append(
+                f"- Seeds with >= {TARGET_ACC}% in every epoch from epoch {first} on: "
+                f"{len(held)}/{len(seeds)} {held if held else ''}".rstrip()
+            )
         for seed, r in sorted(seeds.items()):
             last5 = ", ".join(f"{a:.2f}" for a in r.test_acc[-5:])
             lines.append(f"- seed {seed} (run `{r.run_id[:8]}`), test accuracy in the last 5 epochs: {last5}")

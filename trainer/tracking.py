@@ -248,9 +248,10 @@ def config_of_run(run_id: str) -> Config:
     params = MlflowClient().get_run(run_id).data.params
     values = {}
     for f in fields(Config):
-        if f.name not in params:
+        if f.name not in params and f.name not in models.DEFAULT_RECIPE:
             raise CheckpointError(f"run {run_id} has no param {f.name!r}: not a trainer run")
-        raw, types = params[f.name], [t for t in get_args(f.type) if t is not type(None)] or [f.type]
+        raw = params.get(f.name, str(models.DEFAULT_RECIPE.get(f.name)))  # a key added since: its default
+        types = [t for t in get_args(f.type) if t is not type(None)] or [f.type]
         values[f.name] = None if raw == "None" else (raw == "True" if types[0] is bool else types[0](raw))
     return Config(**values)
 
