@@ -97,16 +97,18 @@ def test_holds_checks_every_epoch_from_the_first_one_on():
 
 def test_a_run_logged_before_a_recipe_key_existed_had_that_keys_default(store):
     """Runs from before `ema` existed trained without it: they still count for a recipe without an EMA,
-    not for one with, and resume with it off."""
+    not for one with, and resume with it off (and in the layout they had)."""
     from trainer.tracking import config_of_run
 
     mlflow.set_tracking_uri(store)
     mlflow.set_experiment("tests")
-    old_ref = log_fake_run("ref6712", 1, [99.0, 99.1], drop=("ema",))
-    old_step5 = log_fake_run("step5", 1, [99.0, 99.1], drop=("ema",))
+    old_ref = log_fake_run("ref6712", 1, [99.0, 99.1], drop=("ema", "channels_last"))
+    old_step5 = log_fake_run("step5", 1, [99.0, 99.1], drop=("ema", "channels_last"))
     runs = {run.info.run_id: run for run in results.search("tests")}
     assert results.follows_recipe(runs[old_ref]) and not results.follows_recipe(runs[old_step5])
-    assert models.get_variant("step5").recipe["ema"] > 0 and config_of_run(old_step5).ema == 0.0
+    old_config = config_of_run(old_step5)
+    assert models.get_variant("step5").recipe["ema"] > 0 and old_config.ema == 0.0
+    assert old_config.channels_last is False  # those runs trained in NCHW: a resume stays bit-exact
 
 
 def test_models_shows_rf_and_whether_the_latest_run_met_the_target(fake_runs, run_cli):

@@ -111,7 +111,7 @@ def bench(cfg: engine.Config, batches: int, repeats: int) -> dict:
         run()  # warm-up
         times = timed(run, repeats)
         rows[name] = {"images": images, "min_s": min(times), "median_s": statistics.median(times)}
-    model = models.get_model(cfg.model, cfg.dropout).to(device)
+    model = models.get_model(cfg.model, cfg.dropout).to(device, memory_format=engine.memory_format(cfg))
     run, images, eval_times = ours(cfg, torch.compile(model) if cfg.compile else model, device)
     times = timed(run, repeats)
     train_times = [t - e for t, e in zip(times, eval_times, strict=True)]

@@ -105,6 +105,9 @@ TRAIN_OPTIONS = [
     click.option("--device", default="auto", show_default=True, callback=choice("device", engine.DEVICES)),
     click.option("--amp", is_flag=True, default=None, help="bf16 autocast (CUDA)."),
     click.option("--compile", "compile", is_flag=True, default=None, help="torch.compile the model."),
+    click.option(
+        "--channels-last/--no-channels-last", default=None, help="NHWC memory layout [default: on, faster here]."
+    ),
     click.option("--subset", type=RecipeOr(POSITIVE_INT), help="Train/test on the first N images (smoke tests)."),
     click.option("--workers", type=click.IntRange(min=0), help="DataLoader workers [default: CPU count - 1]."),
     data_dir_option,
@@ -251,6 +254,7 @@ def report(experiment, out):
 @click.option("--device", default="auto", show_default=True, callback=choice("device", engine.DEVICES))
 @click.option("--amp", is_flag=True, default=None)
 @click.option("--compile", "compile", is_flag=True, default=None)
+@click.option("--channels-last/--no-channels-last", default=None, help="[default: on]")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the result.")
 @data_dir_option
 def bench(model, batches, repeats, json_path, **options):

@@ -13,7 +13,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import models
-from trainer.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, EPOCH_LIMIT, PARAM_LIMIT, TARGET_ACC
+from trainer.tracking import ADDED_SINCE, DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, EPOCH_LIMIT, PARAM_LIMIT, TARGET_ACC
 
 COMPARE_COLUMNS = ["run", "model", "params", "epochs", "best test acc (epoch)", "min last 3", "target met", "duration"]
 
@@ -86,8 +86,7 @@ def follows_recipe(run) -> bool:
     p = run.data.params
     if p["model"] not in models.list_models():
         return False
-    # a recipe key a run did not log did not exist yet: the run had the key's default
-    return all(p.get(k, str(models.DEFAULT_RECIPE.get(k))) == v for k, v in recipe_params(p["model"]).items())
+    return all(p.get(k, str(ADDED_SINCE.get(k))) == v for k, v in recipe_params(p["model"]).items())
 
 
 def latest_per_seed(results: list[Result]) -> dict[str, dict[int, Result]]:

@@ -37,6 +37,8 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "mnist8k"
 TARGET_ACC, PARAM_LIMIT, EPOCH_LIMIT = 99.40, 8000, 15
 CHECKPOINT_TAG = "last_checkpoint"
+# Params added after the first runs were logged, with the value those runs had (resume and report use it).
+ADDED_SINCE = {"ema": 0.0, "channels_last": False}
 EPOCH_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds")
 
 
@@ -248,9 +250,9 @@ def config_of_run(run_id: str) -> Config:
     params = MlflowClient().get_run(run_id).data.params
     values = {}
     for f in fields(Config):
-        if f.name not in params and f.name not in models.DEFAULT_RECIPE:
+        if f.name not in params and f.name not in ADDED_SINCE:
             raise CheckpointError(f"run {run_id} has no param {f.name!r}: not a trainer run")
-        raw = params.get(f.name, str(models.DEFAULT_RECIPE.get(f.name)))  # a key added since: its default
+        raw = params.get(f.name, str(ADDED_SINCE.get(f.name)))
         types = [t for t in get_args(f.type) if t is not type(None)] or [f.type]
         values[f.name] = None if raw == "None" else (raw == "True" if types[0] is bool else types[0](raw))
     return Config(**values)
