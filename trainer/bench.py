@@ -1,6 +1,7 @@
 """`trainer bench`: our pipeline against the compute floor and the write-ups' plain loop, in one run.
 
-1. floor: forward + backward + step on in-memory tensors, no augmentation;
+1. floor: forward + backward + step on in-memory tensors, no augmentation, in PyTorch's default
+   NCHW layout (and `floor_nhwc`, the same in our default channels_last layout);
 2. plain: torchvision RandomAffine on PIL images + ToTensor + Normalize, a default DataLoader and a
    `.item()` every step (the write-ups' loop), at the same augmentation strength as ours;
 3. ours: one training epoch exactly as `trainer train` runs it, then its evaluation.
@@ -31,6 +32,7 @@ def timed(fn, repeats: int) -> list[float]:
 
 
 def floor(cfg, model, batches: int):
+    """Eager compute in PyTorch's default (NCHW) layout: the floor the ratios are taken against."""
     x = torch.randn(cfg.batch_size, 1, 28, 28)
     y = torch.randint(0, 10, (cfg.batch_size,))
     optimizer = engine.make_optimizer(cfg, model)
@@ -43,6 +45,11 @@ def floor(cfg, model, batches: int):
             optimizer.step()
 
     return run, batches * cfg.batch_size
+
+
+def floor_nhwc(cfg, model, batches: int):
+    """The same compute in our default channels_last layout: what our pipeline could reach at best."""
+    return floor(cfg, model.to(memory_format=torch.channels_last), batches)
 
 
 class PILDataset(torch.utils.data.Dataset):
@@ -105,7 +112,8 @@ def bench(cfg: engine.Config, batches: int, repeats: int) -> dict:
     device = engine.resolve_device(cfg.device)
     engine.seed_everything(cfg.seed)
     rows = {}
-    for name, make in (("floor", floor), ("plain", plain)):
+    makers = {"floor": floor, "plain": plain} | ({"floor_nhwc": floor_nhwc} if cfg.channels_last else {})
+    for name, make in makers.items():
         model = models.get_model(cfg.model, cfg.dropout).train()
         run, images = make(cfg, model, batches)
         run()  # warm-up
@@ -124,12 +132,12 @@ def bench(cfg: engine.Config, batches: int, repeats: int) -> dict:
         "batch_size": cfg.batch_size,
         "augment": cfg.augment,
         "device": str(device),
+        "channels_last": cfg.channels_last,
         "threads": torch.get_num_threads(),
         "workers": engine.default_workers() if cfg.workers is None else cfg.workers,
         "repeats": repeats,
         "rows": rows,
-        "ours_over_plain": rows["ours"]["images_per_s"] / rows["plain"]["images_per_s"],
-        "ours_over_floor": rows["ours"]["images_per_s"] / rows["floor"]["images_per_s"],
+        **{f"ours_over_{name}": rows["ours"]["images_per_s"] / rows[name]["images_per_s"] for name in makers},
         "eval_share_of_epoch": statistics.median(e / t for e, t in zip(eval_times, times, strict=True)),
         "peak_rss_mb": engine.peak_rss_mb(),
     }
@@ -138,14 +146,14 @@ def bench(cfg: engine.Config, batches: int, repeats: int) -> dict:
 def table(result: dict) -> str:
     lines = [
         f"model {result['model']}, batch {result['batch_size']}, augment {result['augment']}, "
-        f"device {result['device']}, {result['threads']} threads, {result['workers']} workers, "
-        f"{result['repeats']} repeats",
-        f"{'':8s} {'images':>8s} {'img/s (median)':>15s} {'img/s (best)':>13s}",
+        f"device {result['device']}, channels_last {result['channels_last']}, {result['threads']} threads, "
+        f"{result['workers']} workers, {result['repeats']} repeats",
+        f"{'':10s} {'images':>8s} {'img/s (median)':>15s} {'img/s (best)':>13s}",
     ]
     for name, row in result["rows"].items():
-        lines.append(f"{name:8s} {row['images']:>8d} {row['images_per_s']:>15,.0f} {row['best_images_per_s']:>13,.0f}")
+        lines.append(f"{name:10s} {row['images']:>8d} {row['images_per_s']:>15,.0f} {row['best_images_per_s']:>13,.0f}")
     lines += [
-        f"ours / plain: {result['ours_over_plain']:.2f}   ours / floor: {result['ours_over_floor']:.2f}",
+        "   ".join(f"ours / {name}: {result[f'ours_over_{name}']:.2f}" for name in result["rows"] if name != "ours"),
         f"evaluation: {100 * result['eval_share_of_epoch']:.1f}% of the epoch   "
         f"peak RSS: {result['peak_rss_mb']:.0f} MB",
     ]
