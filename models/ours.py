@@ -96,13 +96,16 @@ def step4(dropout: float = 0.0) -> nn.Module:
 
 @register(
     "step5",
-    "step4 + dropout 0.03 + albumentations affine augmentation: our answer (7,574 params)",
-    target="Regularise: dropout after every 3x3 block and affine augmentation (rotate, shift, scale), "
-    "to reach >= 99.4% in every one of the last epochs, on every seed.",
+    "step4 + dropout 0.03 + albumentations affine augmentation + EMA of the weights: our answer (7,574 params)",
+    target="Regularise: dropout after every 3x3 block and affine augmentation (rotate, shift, scale), and "
+    "evaluate an EMA of the weights, to reach >= 99.4% in every one of epochs 11-15, on every seed.",
     hold_from=11,
-    analysis="Train accuracy now sits below test accuracy (the task got harder, not the test). Seeds 1-3 "
-    "hold >= 99.40% in each of epochs 11-15. Seed 4, never used for tuning, dips to 99.39% at epoch 11 "
-    "before 99.45-99.52%: the last 3 epochs hold on every seed, epochs 11-15 not quite.",
+    analysis="Train accuracy now sits below test accuracy (the task got harder, not the test). Without an "
+    "EMA, seeds 1-3 held >= 99.40% in each of epochs 11-15 but seed 4, never used for tuning, dipped to 99.39% "
+    "at epoch 11. Evaluating an exponential moving average of the weights (decay 0.999, about the last epoch of "
+    "steps) fixed the recipe rather than the seed: it was screened on seed 4 alone (99.51-99.54% in epochs "
+    "11-15), then seeds 1, 2, 3 and 5 (seed 5 never run before) were trained with it, and every seed holds "
+    "99.47% or more in each of epochs 11-15.",
     scheduler="onecycle",
     lr=0.1,
     nesterov=True,
