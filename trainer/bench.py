@@ -5,7 +5,8 @@
 2. plain: torchvision RandomAffine on PIL images + ToTensor + Normalize, a default DataLoader and a
    `.item()` every step (the write-ups' loop), at the same augmentation strength as ours;
 3. ours: one training epoch exactly as `trainer train` runs it, then its evaluation.
-Same model, batch size and thread settings for all three. Each is repeated; min and median reported.
+Same model and batch size for all. floor and plain run on torch's default threads (every core); ours
+splits them as `trainer train` does (`engine.compute_threads`). Each is repeated; min and median reported.
 """
 
 import json
@@ -97,12 +98,17 @@ def ours(cfg, model, device):
     train_loader, test_loader, sampler = engine.make_loaders(cfg, device)
     optimizer = engine.make_optimizer(cfg, model)
     scheduler = engine.make_scheduler(cfg, optimizer, len(train_loader))
+    ema = engine.make_ema(cfg, model)
     eval_times = []
 
+    train_threads, eval_threads = engine.compute_threads()
+
     def run():
-        engine.train_one_epoch(model, train_loader, optimizer, scheduler, device, cfg.amp, desc="bench")
+        with engine.threads(train_threads):
+            engine.train_one_epoch(model, train_loader, optimizer, scheduler, device, cfg.amp, "bench", ema)
         start = time.perf_counter()
-        engine.evaluate(model, test_loader, device, cfg.amp)
+        with engine.threads(eval_threads):
+            engine.evaluate(model, test_loader, device, cfg.amp)
         eval_times.append(time.perf_counter() - start)
 
     return run, sampler.n, eval_times
@@ -133,7 +139,8 @@ def bench(cfg: engine.Config, batches: int, repeats: int) -> dict:
         "augment": cfg.augment,
         "device": str(device),
         "channels_last": cfg.channels_last,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(),  # floor and plain
+        "ours_threads": dict(zip(("train", "eval"), engine.compute_threads(), strict=True)),
         "workers": engine.default_workers() if cfg.workers is None else cfg.workers,
         "repeats": repeats,
         "rows": rows,
@@ -146,8 +153,9 @@ def bench(cfg: engine.Config, batches: int, repeats: int) -> dict:
 def table(result: dict) -> str:
     lines = [
         f"model {result['model']}, batch {result['batch_size']}, augment {result['augment']}, "
-        f"device {result['device']}, channels_last {result['channels_last']}, {result['threads']} threads, "
-        f"{result['workers']} workers, {result['repeats']} repeats",
+        f"device {result['device']}, channels_last {result['channels_last']}, {result['repeats']} repeats",
+        f"threads: floor and plain {result['threads']}; ours {result['ours_threads']['train']} to train "
+        f"(+ {result['workers']} augmentation workers), {result['ours_threads']['eval']} to evaluate",
         f"{'':10s} {'images':>8s} {'img/s (median)':>15s} {'img/s (best)':>13s}",
     ]
     for name, row in result["rows"].items():
