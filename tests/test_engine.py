@@ -94,3 +94,16 @@ def test_optimizers(name):
     cfg = engine.Config.from_recipe("step5", models.get_variant("step5").recipe, optimizer=name, lr=0.01)
     optimizer = engine.make_optimizer(cfg, models.get_model("step5"))
     assert type(optimizer).__name__.lower() == name and optimizer.param_groups[0]["lr"] == 0.01
+
+
+def test_training_leaves_the_workers_their_cores_and_omp_num_threads_overrides(monkeypatch):
+    monkeypatch.setattr(engine, "CORES", 4)
+    monkeypatch.setattr(engine.os, "cpu_count", lambda: 4)  # 3 augmentation workers by default
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert engine.compute_threads() == (1, 4)  # train beside the workers, evaluate on every core
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert engine.compute_threads() == (4, 4)
+    before = torch.get_num_threads()
+    with engine.threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
