@@ -2,6 +2,7 @@
 
 import shutil
 
+import numpy as np
 import pytest
 
 from trainer import data
@@ -75,3 +76,16 @@ def test_loaded_as_uint8_tensors(data_dir):
     images, labels = data.load_mnist(data_dir, train=False, subset=100)
     assert images.shape == (100, 28, 28) and str(images.dtype) == "torch.uint8"
     assert labels.shape == (100,) and int(labels.max()) <= 9
+
+
+def test_load_mnist_reads_back_the_idx_files_we_write(tmp_path):
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (5, 28, 28)), rng.integers(0, 10, 5)
+    root = raw_dir(tmp_path)
+    root.mkdir(parents=True)
+    (root / "t10k-images-idx3-ubyte").write_bytes(data.idx_images(images))
+    (root / "t10k-labels-idx1-ubyte").write_bytes(data.idx_labels(labels))
+    got_images, got_labels = data.load_mnist(tmp_path, train=False)
+    assert np.array_equal(got_images.numpy(), images) and np.array_equal(got_labels.numpy(), labels)
+    assert str(got_labels.dtype) == "torch.int64"
+    assert data.load_mnist(tmp_path, train=False, subset=2)[0].shape == (2, 28, 28)

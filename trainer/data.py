@@ -161,14 +161,12 @@ def ensure_mnist(data_dir, log=print) -> Path:
 
 
 def load_mnist(data_dir, train: bool, subset: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (N, 28, 28) uint8 and labels (N,) int64, read straight from the verified IDX files."""
-    from torchvision.datasets import MNIST
-
-    ds = MNIST(str(data_dir), train=train, download=False)
-    images, labels = ds.data, ds.targets
-    if subset:
-        images, labels = images[:subset], labels[:subset]
-    return images, labels
+    """Images (N, 28, 28) uint8 and labels (N,) int64, read straight from the verified IDX files
+    (the inverse of `idx_images` / `idx_labels`; torchvision's reader peaks ~250 MB higher)."""
+    root, prefix = raw_dir(data_dir), "train" if train else "t10k"
+    images = np.fromfile(root / f"{prefix}-images-idx3-ubyte", dtype=np.uint8, offset=16).reshape(-1, 28, 28)
+    labels = np.fromfile(root / f"{prefix}-labels-idx1-ubyte", dtype=np.uint8, offset=8).astype(np.int64)
+    return torch.from_numpy(images[:subset]), torch.from_numpy(labels[:subset])
 
 
 def default_data_dir() -> str:
