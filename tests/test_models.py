@@ -40,7 +40,8 @@ def test_registry_lookup_and_unknown_names():
 def test_recipe_defaults_and_dropout_override():
     variant = models.get_variant("step5")
     assert variant.recipe["augment"] == "standard" and variant.recipe["dropout"] > 0
-    dropouts = [m.p for m in variant.build(dropout=0.2).modules() if isinstance(m, torch.nn.Dropout)]
+    layers = variant.build(dropout=0.2).modules()
+    dropouts = [m.p for m in layers if isinstance(m, (torch.nn.Dropout, torch.nn.Dropout2d))]
     assert dropouts and set(dropouts) == {0.2}
 
 
