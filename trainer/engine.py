@@ -23,7 +23,7 @@ from trainer.data import MNISTDataset, load_mnist, normalize, whole_batch
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "step", "onecycle", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
-EVAL_BATCH = 2000  # large eval batches under inference_mode: evaluation stays a small share of an epoch
+EVAL_BATCH = 500  # under inference_mode; on this CPU 500 evaluated 2-3x faster than 2,000 (cache) and peaks lower
 SYNC_EVERY = 20  # steps between host syncs (progress bar refresh and the non-finite loss check)
 
 
