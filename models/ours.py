@@ -174,7 +174,7 @@ def separable(channels: tuple[int, int, int, int, int], dropout: float) -> nn.Mo
     "hold (lowest 99.47, 99.41, 99.44 and 99.40%): 4 of 5 seeds, where the same layout without dropout held 2 "
     "of 5 (seed 3 at 99.31-99.33%, train accuracy level with test). The change is step5's recipe unchanged, "
     "channel dropout 0.01 included. Tried on the way and worse: light augmentation (screened on seed 3 alone it "
-    "gave 99.46-99.48%, then seeds 1 and 2 fell to 99.25-99.31%: one seed misleads), BatchNorm and ReLU after "
+    "gave 99.46-99.47%, then seeds 1 and 2 fell to 99.25-99.31%: one seed misleads), BatchNorm and ReLU after "
     "the depthwise convolutions (seed 1: 99.36-99.41%), conv-BN-ReLU order (seeds 1-2: 99.32-99.40%), and a "
     "narrower first separable layout, 12-16|24-24|32 (4,676 params). The spread between seeds, about 0.1 "
     "points, is as wide as the margin, so more accuracy per parameter is the next step.",
