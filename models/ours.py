@@ -123,9 +123,8 @@ STEP5_RECIPE = dict(
     "a large share of the training step, so the dropout is now per channel (Dropout2d): the compute got about "
     "1.8x faster (README, Speed). At 0.03 it regularised too hard for seed 3 (99.38% in epoch 15); without "
     "any dropout seed 3 also missed (99.36-99.41%). Dropout2d 0.01 was screened on seed 3 alone (99.50-99.55%), "
-    "then seeds 1, 2, 4 and 5 "
-    "were trained with it: every seed holds 99.41% or more in each of epochs 11-15, and a run takes about 5 "
-    "minutes instead of 8.",
+    "then seeds 1, 2, 4 and 5 were trained with it: every seed holds 99.41% or more in each of epochs 11-15, "
+    "and a run takes about 5 minutes instead of 8.",
     **STEP5_RECIPE,
 )
 def step5(dropout: float = 0.01) -> nn.Module:
