@@ -91,3 +91,21 @@ def test_model_reloads_through_pyfunc_and_predicts_class_scores(tracked, data_di
     assert scores.shape == (2000, 10) and scores.dtype == np.float32
     accuracy = 100 * (scores.argmax(1) == labels.numpy()).mean()
     assert accuracy == pytest.approx(run.data.metrics["test_acc"], abs=0.051)  # it is the trained model
+
+
+def test_logging_a_channels_last_model_warns_nothing(tmp_path, monkeypatch):
+    """Training runs channels_last; the logged copy is saved in the default layout, so saving it prints no
+    torch.export warning into the user's run output."""
+    import warnings
+
+    import torch
+
+    import models
+    from trainer.tracking import log_model
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    model = models.get_model("step5").to(memory_format=torch.channels_last)
+    with warnings.catch_warnings(record=True) as caught, mlflow.start_run():
+        warnings.simplefilter("always")
+        log_model(model, torch.device("cpu"))
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []

@@ -165,7 +165,7 @@ def log_model(model, device) -> None:
     with torch.inference_mode():
         out = model(torch.from_numpy(example).to(device)).float().cpu().numpy()
     mlflow.pytorch.log_model(
-        model.cpu(),
+        model.cpu().to(memory_format=torch.contiguous_format),  # channels_last weights make torch.export warn
         name="model",
         signature=infer_signature(example, out),
         input_example=example,
