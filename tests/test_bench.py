@@ -17,5 +17,6 @@ def test_bench_tiny_mode_prints_the_table_and_writes_json(run_cli, data_dir, tmp
     assert rows["floor"]["images"] == rows["plain"]["images"] == 3 * batch and rows["ours"]["images"] == 512
     assert data["channels_last"] and rows["floor_nhwc"]["images"] == 3 * batch  # our layout's floor beside NCHW's
     assert data["ours_over_floor_nhwc"] == rows["ours"]["images_per_s"] / rows["floor_nhwc"]["images_per_s"]
+    assert rows["floor_train"]["images"] == 3 * batch and "ours / floor_train" in result.output
     assert data["ours_over_plain"] == rows["ours"]["images_per_s"] / rows["plain"]["images_per_s"]
     assert 0 < data["eval_share_of_epoch"] < 1 and data["peak_rss_mb"] > 0

@@ -1,7 +1,8 @@
 """`trainer bench`: our pipeline against the compute floor and the write-ups' plain loop, in one run.
 
 1. floor: forward + backward + step on in-memory tensors, no augmentation, in PyTorch's default
-   NCHW layout (and `floor_nhwc`, the same in our default channels_last layout);
+   NCHW layout (and `floor_nhwc`, the same in our default channels_last layout, and `floor_train`, the
+   same in our layout on our training threads: the most our pipeline's compute can give);
 2. plain: torchvision RandomAffine on PIL images + ToTensor + Normalize, a default DataLoader and a
    `.item()` every step (the write-ups' loop), at the same augmentation strength as ours;
 3. ours: one training epoch exactly as `trainer train` runs it, then its evaluation.
@@ -49,8 +50,20 @@ def floor(cfg, model, batches: int):
 
 
 def floor_nhwc(cfg, model, batches: int):
-    """The same compute in our default channels_last layout: what our pipeline could reach at best."""
+    """The same compute in our default channels_last layout."""
     return floor(cfg, model.to(memory_format=torch.channels_last), batches)
+
+
+def floor_train(cfg, model, batches: int):
+    """The same compute in our layout on the threads `trainer train` trains on: ours without the data."""
+    run, images = floor(cfg, model.to(memory_format=engine.memory_format(cfg)), batches)
+    train_threads, _ = engine.compute_threads()
+
+    def on_train_threads():
+        with engine.threads(train_threads):
+            run()
+
+    return on_train_threads, images
 
 
 class PILDataset(torch.utils.data.Dataset):
@@ -119,6 +132,7 @@ def bench(cfg: engine.Config, batches: int, repeats: int) -> dict:
     engine.seed_everything(cfg.seed)
     rows = {}
     makers = {"floor": floor, "plain": plain} | ({"floor_nhwc": floor_nhwc} if cfg.channels_last else {})
+    makers["floor_train"] = floor_train
     for name, make in makers.items():
         model = models.get_model(cfg.model, cfg.dropout).train()
         run, images = make(cfg, model, batches)
@@ -156,10 +170,10 @@ def table(result: dict) -> str:
         f"device {result['device']}, channels_last {result['channels_last']}, {result['repeats']} repeats",
         f"threads: floor and plain {result['threads']}; ours {result['ours_threads']['train']} to train "
         f"(+ {result['workers']} augmentation workers), {result['ours_threads']['eval']} to evaluate",
-        f"{'':10s} {'images':>8s} {'img/s (median)':>15s} {'img/s (best)':>13s}",
+        f"{'':12s} {'images':>8s} {'img/s (median)':>15s} {'img/s (best)':>13s}",
     ]
     for name, row in result["rows"].items():
-        lines.append(f"{name:10s} {row['images']:>8d} {row['images_per_s']:>15,.0f} {row['best_images_per_s']:>13,.0f}")
+        lines.append(f"{name:12s} {row['images']:>8d} {row['images_per_s']:>15,.0f} {row['best_images_per_s']:>13,.0f}")
     lines += [
         "   ".join(f"ours / {name}: {result[f'ours_over_{name}']:.2f}" for name in result["rows"] if name != "ours"),
         f"evaluation: {100 * result['eval_share_of_epoch']:.1f}% of the epoch   "
