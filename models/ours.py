@@ -193,3 +193,15 @@ def tiny(dropout: float = 0.01) -> nn.Module:
 )
 def tiny4k(dropout: float = 0.01) -> nn.Module:
     return separable((12, 20, 28, 28, 32), dropout)
+
+
+@register(
+    "tiny3k",
+    "Below the stretch: tiny's layout under 3,000 parameters (narrower again)",
+    target="Under 3,000 parameters, >= 99.4% in each of epochs 13-15 on every seed.",
+    hold_from=13,
+    analysis="tiny's layout at 10-16|24-24-26, to find where it stops holding.",
+    **STEP5_RECIPE,
+)
+def tiny3k(dropout: float = 0.01) -> nn.Module:
+    return separable((10, 16, 24, 24, 26), dropout)
