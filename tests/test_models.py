@@ -21,7 +21,7 @@ def test_every_variant_maps_a_batch_to_ten_class_scores(name):
     assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
 
 
-@pytest.mark.parametrize("name", ["step2", "step3", "step4", "step5", "tiny", "tiny4k"])
+@pytest.mark.parametrize("name", ["step2", "step3", "step4", "step5", "tiny", "tiny4k", "tiny3k"])
 def test_light_variants_are_under_budget(name):
     assert models.num_params(models.get_model(name)) < 8000
 
@@ -29,6 +29,7 @@ def test_light_variants_are_under_budget(name):
 def test_tiny_beats_the_smallest_write_up_model_and_tiny4k_is_the_stretch():
     assert models.num_params(models.get_model("tiny")) < 5000
     assert models.num_params(models.get_model("tiny4k")) < 4000
+    assert models.num_params(models.get_model("tiny3k")) < 3000
 
 
 def test_registry_lookup_and_unknown_names():
