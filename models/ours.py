@@ -8,12 +8,12 @@ from torch import nn
 from models import register
 
 
-def block(cin: int, cout: int, bn: bool, dropout: float, padding: int = 0) -> list[nn.Module]:
+def block(cin: int, cout: int, bn: bool, dropout: float) -> list[nn.Module]:
     """3x3 conv -> ReLU [-> BatchNorm] [-> Dropout2d], the order of write-up 000's final model.
 
     Dropout2d drops whole channels: one random number per channel instead of per activation, which made
     step5's training compute on a CPU about 1.8x faster (README, Speed)."""
-    layers = [nn.Conv2d(cin, cout, 3, padding=padding, bias=False), nn.ReLU()]
+    layers = [nn.Conv2d(cin, cout, 3, bias=False), nn.ReLU()]
     if bn:
         layers.append(nn.BatchNorm2d(cout))
     if dropout:
