@@ -11,11 +11,13 @@ FROM nvidia/cuda:13.0.2-runtime-ubuntu24.04
 ARG DEBIAN_FRONTEND=noninteractive
 
 # Ubuntu 24.04's own Python 3.12 (pyproject: requires-python >=3.11,<3.13) in a venv at /opt/venv.
+# g++ and the Python headers are for `--compile`: torch.compile builds C++ kernels on a CPU and
+# Triton's launcher on CUDA (`trainer` refuses --compile in one line where there is no compiler).
 # Apt versions are left to the Ubuntu release: exact pins of security-updated packages stop resolving
 # as soon as the archive moves on, which breaks the build rather than making it reproducible.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates python3.12 python3.12-venv \
+    && apt-get install -y --no-install-recommends ca-certificates python3.12 python3.12-venv python3.12-dev g++ \
     && rm -rf /var/lib/apt/lists/* \
     && python3.12 -m venv /opt/venv
 

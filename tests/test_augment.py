@@ -1,4 +1,5 @@
-"""Augmentation: named pipelines, float32 28x28 output, reproducible by seed, test set untouched."""
+"""Augmentation: named pipelines, uint8 batches normalised by `to_device`, reproducible by seed, test set
+untouched."""
 
 import numpy as np
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 import models
 from trainer.augment import AUGMENTS, EpochBatches, build_augment
-from trainer.data import MNIST_MEAN, MNIST_STD, MNISTDataset, load_mnist
+from trainer.data import MNIST_MEAN, MNIST_STD, MNISTDataset, load_mnist, to_device
 from trainer.engine import Config, make_loaders
 
 
@@ -21,9 +22,18 @@ def test_pipeline_maps_uint8_images_to_uint8_images(images, name):
     assert out.shape == (28, 28) and out.dtype == np.uint8
 
 
+def batch(dataset, seed, indices):
+    """A batch as the training loop gets it."""
+    return to_device(dataset.__getitems__((seed, indices)), torch.device("cpu"))
+
+
 @pytest.mark.parametrize("name", list(AUGMENTS))
-def test_dataset_batches_are_normalised_float32(images, name):
-    x, y = MNISTDataset(*images, build_augment(name)).__getitems__((7, [0, 1, 2]))
+def test_batches_leave_the_worker_as_uint8_arrays_and_train_normalised(images, name):
+    dataset = MNISTDataset(*images, build_augment(name))
+    raw, labels = dataset.__getitems__((7, [0, 1, 2]))  # what a worker pickles: numpy, no shared memory
+    assert isinstance(raw, np.ndarray) and raw.shape == (3, 28, 28) and raw.dtype == np.uint8
+    assert isinstance(labels, np.ndarray) and labels.tolist() == images[1][:3].tolist()
+    x, y = batch(dataset, 7, [0, 1, 2])
     assert x.shape == (3, 1, 28, 28) and x.dtype == torch.float32 and y.tolist() == images[1][:3].tolist()
     assert x.min().item() == pytest.approx(-MNIST_MEAN / MNIST_STD, abs=1e-4)  # background stays background
 
@@ -31,7 +41,7 @@ def test_dataset_batches_are_normalised_float32(images, name):
 def test_none_is_normalisation_only(images):
     raw = images[0][0].numpy()
     assert np.array_equal(build_augment("none")(image=raw)["image"], raw)
-    x, _ = MNISTDataset(*images, build_augment("none"))[0]
+    x, _ = batch(MNISTDataset(*images, build_augment("none")), None, [0])
     np.testing.assert_allclose(x[0, 0].numpy(), (raw / 255.0 - MNIST_MEAN) / MNIST_STD, atol=1e-5)
 
 
@@ -42,10 +52,10 @@ def test_unknown_pipeline_names_the_valid_ones():
 
 def test_augmentation_changes_the_image_and_is_reproducible_by_seed(images):
     dataset = MNISTDataset(*images, build_augment("standard"))
-    a, labels = dataset.__getitems__((1234, [3, 5]))
-    b, _ = dataset.__getitems__((1234, [3, 5]))
-    c, _ = dataset.__getitems__((999, [3, 5]))
-    plain, _ = MNISTDataset(*images, build_augment("none"))[3]
+    a, labels = batch(dataset, 1234, [3, 5])
+    b, _ = batch(dataset, 1234, [3, 5])
+    c, _ = batch(dataset, 999, [3, 5])
+    plain, _ = batch(MNISTDataset(*images, build_augment("none")), None, [3])
     assert a.shape == (2, 1, 28, 28) and a.dtype == torch.float32
     assert labels.tolist() == images[1][[3, 5]].tolist()
     assert torch.equal(a, b)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 import models
 
@@ -65,6 +66,17 @@ def test_data_dir_that_is_a_file(run_cli, tmp_path):
     (tmp_path / "file").write_text("")
     result = run_cli("data", "--data-dir", tmp_path / "file")
     assert_one_line_error(result, 1, "not writable")
+
+
+@pytest.mark.parametrize("command", ["train", "bench"])
+def test_compile_without_a_compiler_is_one_line_before_training(run_cli, monkeypatch, store, data_dir, command):
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("CXX", raising=False)
+    result = run_cli(command, "--compile", "--subset", "100", "--data-dir", data_dir)
+    assert_one_line_error(result, 1, "--compile needs a C++ compiler")
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("tests")
+    assert experiment is None or not client.search_runs([experiment.experiment_id])  # no run was started
 
 
 def test_models_lists_every_variant_with_params(run_cli):

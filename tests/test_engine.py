@@ -7,6 +7,7 @@ import torch
 
 import models
 from trainer import engine
+from trainer.data import to_device
 
 
 def config(data_dir, model="step5", **overrides):
@@ -27,7 +28,7 @@ def test_loss_decreases_over_a_few_steps(data_dir):
     model = models.get_model("step3")
     train_loader, _, _ = engine.make_loaders(cfg, torch.device("cpu"))
     optimizer = engine.make_optimizer(cfg, model)
-    x, y = next(iter(train_loader))
+    x, y = to_device(next(iter(train_loader)), torch.device("cpu"))
     losses = []
     for _ in range(10):
         loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -107,3 +108,11 @@ def test_training_leaves_the_workers_their_cores_and_omp_num_threads_overrides(m
     with engine.threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+def test_compile_trains_the_same_model_and_checkpoints_it_unwrapped(data_dir):
+    (eager,) = run(config(data_dir, epochs=1))
+    model, _, compiled, (state,) = fit_keeping_states(config(data_dir, epochs=1, compile=True))
+    assert state["model"].keys() == model.state_dict().keys() == models.get_model("step5").state_dict().keys()
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=0.02)  # other kernels, same training
+    assert abs(compiled["test_acc"] - eager["test_acc"]) <= 1.0

@@ -129,6 +129,7 @@ def ours(cfg, model, device):
 
 def bench(cfg: engine.Config, batches: int, repeats: int) -> dict:
     device = engine.resolve_device(cfg.device)
+    engine.check_compiler(cfg)
     engine.seed_everything(cfg.seed)
     rows = {}
     makers = {"floor": floor, "plain": plain} | ({"floor_nhwc": floor_nhwc} if cfg.channels_last else {})
@@ -141,6 +142,8 @@ def bench(cfg: engine.Config, batches: int, repeats: int) -> dict:
         rows[name] = {"images": images, "min_s": min(times), "median_s": statistics.median(times)}
     model = models.get_model(cfg.model, cfg.dropout).to(device, memory_format=engine.memory_format(cfg))
     run, images, eval_times = ours(cfg, torch.compile(model) if cfg.compile else model, device)
+    run()  # warm-up: starts the workers and, under --compile, compiles
+    eval_times.clear()
     times = timed(run, repeats)
     train_times = [t - e for t, e in zip(times, eval_times, strict=True)]
     rows["ours"] = {"images": images, "min_s": min(train_times), "median_s": statistics.median(train_times)}
@@ -153,6 +156,7 @@ def bench(cfg: engine.Config, batches: int, repeats: int) -> dict:
         "augment": cfg.augment,
         "device": str(device),
         "channels_last": cfg.channels_last,
+        "compile": cfg.compile,  # ours only: the floors and plain are eager
         "threads": torch.get_num_threads(),  # floor and plain
         "ours_threads": dict(zip(("train", "eval"), engine.compute_threads(), strict=True)),
         "workers": engine.default_workers() if cfg.workers is None else cfg.workers,
@@ -167,7 +171,8 @@ def bench(cfg: engine.Config, batches: int, repeats: int) -> dict:
 def table(result: dict) -> str:
     lines = [
         f"model {result['model']}, batch {result['batch_size']}, augment {result['augment']}, "
-        f"device {result['device']}, channels_last {result['channels_last']}, {result['repeats']} repeats",
+        f"device {result['device']}, channels_last {result['channels_last']}, compile {result['compile']}, "
+        f"{result['repeats']} repeats",
         f"threads: floor and plain {result['threads']}; ours {result['ours_threads']['train']} to train "
         f"(+ {result['workers']} augmentation workers), {result['ours_threads']['eval']} to evaluate",
         f"{'':12s} {'images':>8s} {'img/s (median)':>15s} {'img/s (best)':>13s}",

@@ -7,6 +7,7 @@ and the tracking layer logs what it is handed.
 import os
 import random
 import resource
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -18,7 +19,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from trainer.augment import EpochBatches, build_augment
-from trainer.data import MNISTDataset, load_mnist, normalize, whole_batch
+from trainer.data import MNISTDataset, load_mnist, normalize, to_device, whole_batch
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("none", "step", "onecycle", "cosine")
@@ -92,6 +93,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_compiler(cfg: Config) -> None:
+    """`--compile` builds its kernels with a C/C++ compiler (C++ on a CPU, Triton's launcher on CUDA):
+    say so in one line before training, not in a traceback at the first step."""
+    compilers = (os.environ.get("CXX"), "g++", "clang++")
+    if cfg.compile and not any(shutil.which(c) for c in compilers if c):
+        raise ValueError("--compile needs a C++ compiler on PATH (g++, clang++ or $CXX): install one or drop --compile")
+
+
 def default_workers() -> int:
     """Augmentation workers: one core stays with the training process, the rest augment."""
     return max(1, min(8, (os.cpu_count() or 2) - 1))
@@ -128,9 +137,9 @@ def peak_rss_mb() -> float:
 
 
 def make_loaders(cfg: Config, device: torch.device):
-    """Train loader (augmented, reproducible order) and test loader (never augmented)."""
+    """Train loader (augmented uint8 batches, for `to_device`; reproducible order) and test loader
+    (normalised once, never augmented)."""
     workers = default_workers() if cfg.workers is None else cfg.workers
-    pin = device.type == "cuda"
     x_train, y_train = load_mnist(cfg.data_dir, train=True, subset=cfg.subset)
     x_test, y_test = load_mnist(cfg.data_dir, train=False, subset=cfg.subset)
     train_set = MNISTDataset(x_train, y_train, build_augment(cfg.augment))
@@ -141,7 +150,6 @@ def make_loaders(cfg: Config, device: torch.device):
         collate_fn=whole_batch,
         generator=torch.Generator().manual_seed(cfg.seed),  # never draws from the global RNG (dropout's)
         num_workers=workers,
-        pin_memory=pin,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )
@@ -149,7 +157,7 @@ def make_loaders(cfg: Config, device: torch.device):
     test = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(test_images, y_test),
         batch_size=EVAL_BATCH,
-        pin_memory=pin,
+        pin_memory=device.type == "cuda",
         generator=torch.Generator(),
     )
     return train, test, sampler
@@ -212,8 +220,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, device, amp=False, desc
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, mininterval=1.0, disable=None)  # off when not a tty
-    for step, (x, y) in enumerate(bar, 1):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    for step, batch in enumerate(bar, 1):
+        x, y = to_device(batch, device)
         with autocast(device, amp):
             out = model(x)
             loss = F.cross_entropy(out, y)

@@ -31,7 +31,7 @@ import models
 from trainer import plots
 from trainer.augment import build_augment
 from trainer.data import atomic_write, load_mnist
-from trainer.engine import Config, NonFiniteLoss, fit, peak_rss_mb, resolve_device, seed_everything
+from trainer.engine import Config, NonFiniteLoss, check_compiler, fit, peak_rss_mb, resolve_device, seed_everything
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "mnist8k"
@@ -180,6 +180,7 @@ def train(cfg: Config, resume_run_id: str | None = None) -> dict:
     summary metrics."""
     variant = models.get_variant(cfg.model)
     device = resolve_device(cfg.device)
+    check_compiler(cfg)
     seed_everything(cfg.seed)
     model = variant.build(cfg.dropout)
     n_params = models.num_params(model)
