@@ -6,7 +6,8 @@ import json
 
 def test_bench_tiny_mode_prints_the_table_and_writes_json(run_cli, data_dir, tmp_path):
     out = tmp_path / "bench.json"
-    result = run_cli("bench", "--batches", "3", "--repeats", "1", "--subset", "512", "--workers", "0",
+    # 16 repeats + a warm-up: more epochs of ours than step5's recipe has (15)
+    result = run_cli("bench", "--batches", "3", "--repeats", "16", "--subset", "512", "--workers", "0",
                      "--json", out, "--data-dir", data_dir)  # fmt: skip
     assert result.exit_code == 0, result.output
     for label in ("floor", "plain", "ours", "ours / plain", "ours / floor", "evaluation", "peak RSS"):
@@ -20,3 +21,4 @@ def test_bench_tiny_mode_prints_the_table_and_writes_json(run_cli, data_dir, tmp
     assert rows["floor_train"]["images"] == 3 * batch and "ours / floor_train" in result.output
     assert data["ours_over_plain"] == rows["ours"]["images_per_s"] / rows["plain"]["images_per_s"]
     assert 0 < data["eval_share_of_epoch"] < 1 and data["peak_rss_mb"] > 0
+    assert data["repeats"] == 16 and data["compile"] is data["amp"] is False

@@ -2,14 +2,17 @@
 
 1. floor: forward + backward + step on in-memory tensors, no augmentation, in PyTorch's default
    NCHW layout (and `floor_nhwc`, the same in our default channels_last layout, and `floor_train`, the
-   same in our layout on our training threads: the most our pipeline's compute can give);
+   same in our layout on our training threads: our pipeline's eager compute without the data);
 2. plain: torchvision RandomAffine on PIL images + ToTensor + Normalize, a default DataLoader and a
    `.item()` every step (the write-ups' loop), at the same augmentation strength as ours;
-3. ours: one training epoch exactly as `trainer train` runs it, then its evaluation.
+3. ours: one training epoch exactly as `trainer train` runs it, then its evaluation (with --compile or
+   --amp, ours is compiled or bf16; every other row stays eager float32: the floor is eager compute).
 Same model and batch size for all. floor and plain run on torch's default threads (every core); ours
-splits them as `trainer train` does (`engine.compute_threads`). Each is repeated; min and median reported.
+splits them as `trainer train` does (`engine.compute_threads`). Each is warmed up, then all are repeated in
+turn (round robin, so that the machine's slow spells hit every row alike); min and median reported.
 """
 
+import dataclasses
 import json
 import statistics
 import time
@@ -24,13 +27,10 @@ from trainer.augment import ROTATE, SCALE, SHIFT
 from trainer.data import MNIST_MEAN, MNIST_STD, load_mnist
 
 
-def timed(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+def elapsed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def floor(cfg, model, batches: int):
@@ -55,7 +55,7 @@ def floor_nhwc(cfg, model, batches: int):
 
 
 def floor_train(cfg, model, batches: int):
-    """The same compute in our layout on the threads `trainer train` trains on: ours without the data."""
+    """The same compute in our layout on the threads `trainer train` trains on: eager ours without the data."""
     run, images = floor(cfg, model.to(memory_format=engine.memory_format(cfg)), batches)
     train_threads, _ = engine.compute_threads()
 
@@ -131,39 +131,42 @@ def bench(cfg: engine.Config, batches: int, repeats: int) -> dict:
     device = engine.resolve_device(cfg.device)
     engine.check_compiler(cfg)
     engine.seed_everything(cfg.seed)
-    rows = {}
+    runs, images = {}, {}
     makers = {"floor": floor, "plain": plain} | ({"floor_nhwc": floor_nhwc} if cfg.channels_last else {})
     makers["floor_train"] = floor_train
     for name, make in makers.items():
-        model = models.get_model(cfg.model, cfg.dropout).train()
-        run, images = make(cfg, model, batches)
-        run()  # warm-up
-        times = timed(run, repeats)
-        rows[name] = {"images": images, "min_s": min(times), "median_s": statistics.median(times)}
+        runs[name], images[name] = make(cfg, models.get_model(cfg.model, cfg.dropout).train(), batches)
     model = models.get_model(cfg.model, cfg.dropout).to(device, memory_format=engine.memory_format(cfg))
-    run, images, eval_times = ours(cfg, torch.compile(model) if cfg.compile else model, device)
-    run()  # warm-up: starts the workers and, under --compile, compiles
+    ours_cfg = dataclasses.replace(cfg, epochs=1 + repeats)  # a schedule that lasts the warm-up and the repeats
+    runs["ours"], images["ours"], eval_times = ours(ours_cfg, torch.compile(model) if cfg.compile else model, device)
+    for run in runs.values():
+        run()  # warm-up (ours: starts the workers and, under --compile, compiles)
     eval_times.clear()
-    times = timed(run, repeats)
-    train_times = [t - e for t, e in zip(times, eval_times, strict=True)]
-    rows["ours"] = {"images": images, "min_s": min(train_times), "median_s": statistics.median(train_times)}
-    for row in rows.values():
-        row["images_per_s"] = row["images"] / row["median_s"]
-        row["best_images_per_s"] = row["images"] / row["min_s"]
+    times = {name: [] for name in runs}
+    for _ in range(repeats):  # round robin: a slow spell of the machine hits every row alike
+        for name, run in runs.items():
+            times[name].append(elapsed(run))
+    times["ours"] = [t - e for t, e in zip(times["ours"], eval_times, strict=True)]  # training only
+    rows = {}
+    for name, row_times in times.items():
+        rows[name] = {"images": images[name], "min_s": min(row_times), "median_s": statistics.median(row_times)}
+        rows[name]["images_per_s"] = images[name] / rows[name]["median_s"]
+        rows[name]["best_images_per_s"] = images[name] / rows[name]["min_s"]
     return {
         "model": cfg.model,
         "batch_size": cfg.batch_size,
         "augment": cfg.augment,
         "device": str(device),
         "channels_last": cfg.channels_last,
-        "compile": cfg.compile,  # ours only: the floors and plain are eager
+        "compile": cfg.compile,  # ours only: the floors and plain are eager float32
+        "amp": cfg.amp,  # ours only, as compile
         "threads": torch.get_num_threads(),  # floor and plain
         "ours_threads": dict(zip(("train", "eval"), engine.compute_threads(), strict=True)),
         "workers": engine.default_workers() if cfg.workers is None else cfg.workers,
         "repeats": repeats,
         "rows": rows,
         **{f"ours_over_{name}": rows["ours"]["images_per_s"] / rows[name]["images_per_s"] for name in makers},
-        "eval_share_of_epoch": statistics.median(e / t for e, t in zip(eval_times, times, strict=True)),
+        "eval_share_of_epoch": statistics.median(e / (t + e) for e, t in zip(eval_times, times["ours"], strict=True)),
         "peak_rss_mb": engine.peak_rss_mb(),
     }
 
@@ -172,7 +175,7 @@ def table(result: dict) -> str:
     lines = [
         f"model {result['model']}, batch {result['batch_size']}, augment {result['augment']}, "
         f"device {result['device']}, channels_last {result['channels_last']}, compile {result['compile']}, "
-        f"{result['repeats']} repeats",
+        f"amp {result['amp']}, {result['repeats']} repeats",
         f"threads: floor and plain {result['threads']}; ours {result['ours_threads']['train']} to train "
         f"(+ {result['workers']} augmentation workers), {result['ours_threads']['eval']} to evaluate",
         f"{'':12s} {'images':>8s} {'img/s (median)':>15s} {'img/s (best)':>13s}",

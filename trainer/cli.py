@@ -103,8 +103,8 @@ TRAIN_OPTIONS = [
         help="Decay of a moving average of the weights, evaluated and saved instead (0 = off).",
     ),
     click.option("--device", default="auto", show_default=True, callback=choice("device", engine.DEVICES)),
-    click.option("--amp", is_flag=True, default=None, help="bf16 autocast (CUDA)."),
-    click.option("--compile", "compile", is_flag=True, default=None, help="torch.compile the model."),
+    click.option("--amp", is_flag=True, default=None, help="bf16 autocast (CUDA; CPUs with native bf16)."),
+    click.option("--compile", "compile", is_flag=True, default=None, help="torch.compile the model (needs g++)."),
     click.option(
         "--channels-last/--no-channels-last", default=None, help="NHWC memory layout [default: on, faster here]."
     ),
