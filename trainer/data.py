@@ -185,8 +185,8 @@ class MNISTDataset(torch.utils.data.Dataset):
     batch, so the augmented images depend on that seed alone, not on which worker made them.
     A batch leaves the worker as numpy arrays (uint8 images, int64 labels), pickled through the
     worker's pipe: torch tensors would cross by shared memory, which opens a socket connection per
-    tensor and cost 12% of step5's training speed here (README, Speed). `to_device` makes the
-    normalised batch in the training process.
+    tensor and cost about a tenth of a step5 training step here (README, Speed). `to_device` makes
+    the normalised batch in the training process.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
