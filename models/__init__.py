@@ -1,72 +1,63 @@
 """A timm-style registry: `@register(...)` a builder, `get_model(name)`, `list_models()`.
 
-Every variant carries a one-line description, its training recipe (overrides of `DEFAULT_RECIPE`,
-each overridable again from the CLI) and its Target / Analysis text in the write-ups' style.
+Every variant carries a one-line description and its training recipe: overrides of the recipe
+fields of `trainer.config.Config`, checked against that schema here, at registration. Its Target /
+Analysis prose, in the write-ups' style, lives in `models/notes/<name>.md` (`notes(name)`).
+
+Listing the variants imports no torch: `nn` below is torch.nn, imported the first time a builder
+runs, so `trainer --help` and shell completion of model names answer at once.
 """
 
+import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
-from torch import nn
+from trainer.config import recipe as full_recipe
 
-# Every hyperparameter a recipe can set, in one place. A variant's recipe overrides some of these.
-DEFAULT_RECIPE = {
-    "epochs": 15,
-    "batch_size": 128,
-    "optimizer": "sgd",  # sgd | adam | adamw
-    "lr": 0.01,  # the peak lr for onecycle
-    "momentum": 0.9,
-    "nesterov": False,
-    "weight_decay": 0.0,
-    "scheduler": "none",  # none | step | onecycle | cosine
-    "step_size": 5,  # step: epochs between decays
-    "gamma": 0.1,  # step: decay factor
-    "pct_start": 0.3,  # onecycle: share of steps spent warming up
-    "div_factor": 25.0,  # onecycle: initial lr = lr / div_factor
-    "final_div_factor": 1e4,  # onecycle: final lr = initial lr / final_div_factor
-    "augment": "none",  # none | light | standard
-    "dropout": 0.0,
-    "ema": 0.0,  # decay of an exponential moving average of the weights, evaluated and saved (0 = off)
-}
+NOTES = Path(__file__).parent / "notes"
+
+
+class LazyModule:
+    """A module imported on first attribute access."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getattr__(self, attr):
+        return getattr(importlib.import_module(self.name), attr)
+
+
+nn = LazyModule("torch.nn")
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
-    builder: Callable[..., nn.Module]
+    builder: Callable
     description: str
-    recipe: dict = field(default_factory=dict)
-    target: str = ""
-    analysis: str = ""
-    claim: str = ""  # reproductions: what the write-up reports ...
-    claim_check: tuple[int, int, float] | None = None  # ... as (first epoch, last epoch, min test acc %)
+    recipe: dict  # every recipe field, resolved
+    claim_check: tuple[int, int, float] | None = (
+        None  # reproductions: the write-up's claim as (first, last epoch, min %)
+    )
     hold_from: int | None = None  # our targets: every epoch from this one on reaches 99.4%
 
-    def build(self, dropout: float | None = None) -> nn.Module:
+    def build(self, dropout: float | None = None):
         return self.builder(dropout=self.recipe["dropout"] if dropout is None else dropout)
 
 
 _REGISTRY: dict[str, Variant] = {}
 
 
-def register(
-    name: str,
-    description: str,
-    target: str = "",
-    analysis: str = "",
-    claim: str = "",
-    claim_check=None,
-    hold_from: int | None = None,
-    **recipe,
-):
+def register(name: str, description: str, claim_check=None, hold_from: int | None = None, **recipe):
     """Register `builder(dropout=...) -> nn.Module` under `name` with its recipe overrides."""
-    unknown = set(recipe) - set(DEFAULT_RECIPE)
-    if unknown:
-        raise TypeError(f"{name}: unknown recipe keys {sorted(unknown)}")
+    try:
+        resolved = full_recipe(**recipe)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name}: {e}") from None
 
     def deco(builder):
-        recipe_ = {**DEFAULT_RECIPE, **recipe}
-        _REGISTRY[name] = Variant(name, builder, description, recipe_, target, analysis, claim, claim_check, hold_from)
+        _REGISTRY[name] = Variant(name, builder, description, resolved, claim_check, hold_from)
         return builder
 
     return deco
@@ -83,7 +74,7 @@ def get_variant(name: str) -> Variant:
     return _REGISTRY[name]
 
 
-def get_model(name: str, dropout: float | None = None) -> nn.Module:
+def get_model(name: str, dropout: float | None = None):
     return get_variant(name).build(dropout)
 
 
@@ -91,7 +82,13 @@ def list_models() -> list[str]:
     return list(_REGISTRY)
 
 
-def num_params(model: nn.Module) -> int:
+def notes(name: str) -> str:
+    """The variant's Target / Analysis text (Markdown), or '' if it has none."""
+    path = NOTES / f"{name}.md"
+    return path.read_text() if path.is_file() else ""
+
+
+def num_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 

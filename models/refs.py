@@ -6,16 +6,14 @@ no recipe value, ours is marked "(ours)" in the description. `# RF:` is the rece
 the layer (jump in brackets), for a 28x28 input.
 """
 
-from torch import nn
+from __future__ import annotations  # annotations name nn.Module without importing torch
 
-from models import register
+from models import nn, register
 
 
 @register(
     "ref6712",
     "write-up 000's final model: BN + Dropout 0.1 + GAP; SGD lr 0.021 (momentum 0.9, batch 128: ours)",
-    target="Reproduce 000: 99.41-99.44% in epochs 12-15 with SGD at lr 0.021.",
-    claim="99.41, 99.43, 99.41, 99.44% test in epochs 12-15 (train 98.95-98.98%).",
     claim_check=(12, 15, 99.41),
     lr=0.021,
     dropout=0.1,
@@ -39,8 +37,6 @@ def ref6712(dropout: float = 0.1) -> nn.Module:
 @register(
     "ref7998",
     "write-up 002's model 1: conv+ReLU+BN with biases, a 7x7 conv head; Adam lr 1e-4 (dropout 0.1: ours)",
-    target="Reproduce 002 model 1: 98.8% test after 15 epochs with Adam at lr 1e-4.",
-    claim="98.8% test, 98.8% train after 15 epochs (target not met).",
     claim_check=(15, 15, 98.75),  # "98.8" to 3 digits
     optimizer="adam",
     lr=1e-4,
@@ -62,8 +58,6 @@ def ref7998(dropout: float = 0.1) -> nn.Module:
 @register(
     "ref7936",
     "write-up 002's model 2: dropout everywhere, AvgPool head; SGD lr 0.01 momentum 0.1 (dropout 0.1: ours)",
-    target="Reproduce 002 model 2: 98.9% test after 15 epochs with SGD lr 0.01, momentum 0.1.",
-    claim="98.9% test, 97.9% train after 15 epochs (target not met).",
     claim_check=(15, 15, 98.85),  # "98.9" to 3 digits
     lr=0.01,
     momentum=0.1,
@@ -87,8 +81,6 @@ def ref7936(dropout: float = 0.1) -> nn.Module:
 @register(
     "ref5178",
     "write-up 002's model 3: two max-pools, 2x2 conv head; OneCycle + augmentation (SGD, lr 0.05, light aug: ours)",
-    target="Reproduce 002 model 3: 0.994 (3 digits) in epochs 11 and 13-15 with OneCycleLR and augmentation.",
-    claim="0.994 (3 digits, so >= 99.35%) test in epochs 11 and 13-15; 98.8% train.",
     claim_check=(13, 15, 99.35),  # "0.994" to 3 digits
     scheduler="onecycle",
     lr=0.05,
@@ -113,8 +105,6 @@ def ref5178(dropout: float = 0.0) -> nn.Module:
     "ref7944",
     "write-up 003's model 3: conv+BN+ReLU+Dropout, 1x1 transition, GAP; StepLR + augmentation "
     "(SGD lr 0.05, step 5 x0.2, dropout 0.05, standard aug: ours)",
-    target="Reproduce 003 model 3: 99.40-99.46% in each of its last 8 epochs with StepLR and augmentation.",
-    claim="99.40-99.46% test in each of its last 8 epochs; best 99.46% (train 99.25%).",
     claim_check=(8, 15, 99.40),
     lr=0.05,
     scheduler="step",

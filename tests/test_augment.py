@@ -7,8 +7,9 @@ import torch
 
 import models
 from trainer.augment import AUGMENTS, EpochBatches, build_augment
+from trainer.config import Config
 from trainer.data import MNIST_MEAN, MNIST_STD, MNISTDataset, load_mnist, to_device
-from trainer.engine import Config, make_loaders
+from trainer.engine import make_loaders
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_sampler_order_depends_on_seed_and_epoch_only():
 
 def test_test_set_is_never_augmented(data_dir):
     recipe = models.get_variant("step5").recipe  # augment: standard
-    cfg = Config.from_recipe("step5", recipe, subset=200, workers=0, data_dir=data_dir)
+    cfg = Config.for_variant(recipe, model="step5", subset=200, workers=0, data_dir=data_dir)
     _, test_loader, _ = make_loaders(cfg, torch.device("cpu"))
     raw, labels = load_mnist(data_dir, train=False, subset=200)
     expected = (raw.float().unsqueeze(1) / 255.0 - MNIST_MEAN) / MNIST_STD

@@ -7,12 +7,13 @@ import torch
 
 import models
 from trainer import engine
+from trainer.config import OPTIMIZERS, SCHEDULERS, Config
 from trainer.data import to_device
 
 
 def config(data_dir, model="step5", **overrides):
     options = {"subset": 1000, "epochs": 2, "workers": 1, "data_dir": data_dir, **overrides}
-    return engine.Config.from_recipe(model, models.get_variant(model).recipe, **options)
+    return Config.for_variant(models.get_variant(model).recipe, model=model, **options)
 
 
 def run(cfg):
@@ -48,13 +49,15 @@ def test_same_seed_gives_the_same_metrics_epoch_for_epoch(data_dir):
 def fit_keeping_states(cfg):
     """fit, keeping a copy of every epoch's checkpoint state: (model, test_loader, last metrics, states)."""
     engine.seed_everything(cfg.seed)
-    model, states = models.get_model(cfg.model, cfg.dropout), []
+    model, states, history = models.get_model(cfg.model, cfg.dropout), [], []
 
     def save(epoch, metrics, state):
         states.append(copy.deepcopy(state))
+        history.append(metrics)
 
-    test_loader, metrics = engine.fit(cfg, model, torch.device("cpu"), save)
-    return model, test_loader, metrics, states
+    test_loader, last = engine.fit(cfg, model, torch.device("cpu"), save)
+    assert last["test_acc"] == history[-1]["test_acc"]
+    return model, test_loader, history[-1], states
 
 
 def test_with_an_ema_the_averaged_weights_are_evaluated_checkpointed_and_kept(data_dir):
@@ -72,10 +75,10 @@ def test_non_finite_loss_stops_training(data_dir):
         run(cfg)
 
 
-@pytest.mark.parametrize("scheduler", engine.SCHEDULERS)
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_every_schedule_steps_per_batch_to_its_end(scheduler):
-    cfg = engine.Config.from_recipe(
-        "step5", models.get_variant("step5").recipe, scheduler=scheduler, epochs=3, step_size=1
+    cfg = Config.for_variant(
+        models.get_variant("step5").recipe, model="step5", scheduler=scheduler, epochs=3, step_size=1
     )
     optimizer = engine.make_optimizer(cfg, models.get_model("step5"))
     schedule = engine.make_scheduler(cfg, optimizer, steps_per_epoch=10)
@@ -90,9 +93,9 @@ def test_every_schedule_steps_per_batch_to_its_end(scheduler):
         assert lrs[-1] < cfg.lr / 5
 
 
-@pytest.mark.parametrize("name", engine.OPTIMIZERS)
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_optimizers(name):
-    cfg = engine.Config.from_recipe("step5", models.get_variant("step5").recipe, optimizer=name, lr=0.01)
+    cfg = Config.for_variant(models.get_variant("step5").recipe, model="step5", optimizer=name, lr=0.01)
     optimizer = engine.make_optimizer(cfg, models.get_model("step5"))
     assert type(optimizer).__name__.lower() == name and optimizer.param_groups[0]["lr"] == 0.01
 

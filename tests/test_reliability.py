@@ -1,6 +1,7 @@
 """Faults: kill and resume with nothing lost, unreadable checkpoints, NaN losses, unreachable
 stores, and parallel runs into one store (sqlite and a local `mlflow server`)."""
 
+import hashlib
 import os
 import signal
 import socket
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 import requests
 from mlflow.tracking import MlflowClient
+
+from trainer.checkpoints import epoch_of
 
 BIN = Path(sys.executable).parent
 EPOCH_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")
@@ -54,7 +57,7 @@ def test_sigterm_ends_the_run_killed_and_resume_matches_an_uninterrupted_run(dat
     deadline = time.time() + 300
     while time.time() < deadline:  # wait for the 2nd epoch's checkpoint, then kill mid-training
         client, runs = runs_of(uri)
-        if runs and runs[0].data.tags.get("last_checkpoint") == "checkpoints/epoch_02.pt":
+        if runs and runs[0].data.tags.get("last_checkpoint") == "checkpoints/epoch_002.pt":
             run = runs[0]
             break
         time.sleep(0.2)
@@ -64,7 +67,7 @@ def test_sigterm_ends_the_run_killed_and_resume_matches_an_uninterrupted_run(dat
     assert proc.returncode != 0 and "Traceback" not in output, output
     killed = client.get_run(run.info.run_id)
     assert killed.info.status == "KILLED"
-    done_epochs = int(killed.data.tags["last_checkpoint"][-5:-3])
+    done_epochs = epoch_of(killed.data.tags["last_checkpoint"])
     assert done_epochs in (2, 3)  # the epoch in flight when SIGTERM came is lost, nothing before it
 
     resumed = trainer("train", "--resume", run.info.run_id, "--data-dir", data_dir, env=env)
@@ -85,16 +88,18 @@ def test_resume_refuses_a_tampered_checkpoint(data_dir, tmp_path, store, run_cli
     assert result.exit_code == 0, result.output
     client, (run,) = runs_of(store, "tests")
     client.set_terminated(run.info.run_id, "KILLED")
-    checkpoint = next(Path(run.info.artifact_uri.removeprefix("file://")).glob("checkpoints/epoch_01.pt"))
+    checkpoint = next(Path(run.info.artifact_uri.removeprefix("file://")).glob("checkpoints/epoch_001.pt"))
     checkpoint.write_bytes(checkpoint.read_bytes()[:1000])  # truncated
     result = run_cli("train", "--resume", run.info.run_id, "--data-dir", data_dir)
-    assert result.exit_code == 1 and "unreadable" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 1 and "sha256 mismatch" in result.output and "Traceback" not in result.output
+    assert "no checkpoint verifies" in result.output
 
     evil = subprocess.run(
         [sys.executable, "-c", f"import torch, os; torch.save({{'epoch': os.system}}, {str(checkpoint)!r})"],
         capture_output=True,
     )
     assert evil.returncode == 0, evil.stderr
+    client.set_tag(run.info.run_id, "last_checkpoint_sha256", hashlib.sha256(checkpoint.read_bytes()).hexdigest())
     result = run_cli("train", "--resume", run.info.run_id, "--data-dir", data_dir)  # a pickle naming os.system
     assert result.exit_code == 1 and "unreadable" in result.output
 
@@ -106,7 +111,7 @@ def test_nan_loss_fails_the_run_with_the_reason_and_keeps_the_last_good_checkpoi
     client, (run,) = runs_of(store, "tests")
     assert run.info.status == "FAILED"
     assert "non-finite training loss" in run.data.tags["failure_reason"]
-    assert run.data.tags["last_checkpoint"] == "checkpoints/epoch_01.pt"
+    assert run.data.tags["last_checkpoint"] == "checkpoints/epoch_001.pt"
 
 
 def test_unreachable_tracking_server_is_reported_before_training(run_cli, monkeypatch, data_dir):

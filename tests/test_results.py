@@ -5,18 +5,18 @@ import mlflow
 import pytest
 
 import models
-from trainer import results
-from trainer.engine import Config
+from trainer import results, target
+from trainer.config import Config
 
 
 def log_fake_run(model, seed, test_acc, subset=None, status="FINISHED", drop=(), **overrides):
     """A run shaped like `trainer train` logs it (params, tags, per-epoch metrics, summary); the params
     in `drop` are left out, as in a run logged before they existed."""
     recipe = models.get_variant(model).recipe
-    cfg = Config.from_recipe(model, recipe, seed=seed, epochs=len(test_acc), subset=subset, **overrides)
+    cfg = Config.for_variant(recipe, model=model, seed=seed, epochs=len(test_acc), subset=subset, **overrides)
     n_params = models.num_params(models.get_model(model))
     with mlflow.start_run(run_name=f"{model}-s{seed}") as run:
-        params = {k: v for k, v in cfg.as_params().items() if k not in drop}
+        params = {k: v for k, v in vars(cfg).items() if k not in drop}
         mlflow.log_params({**params, "num_params": n_params})
         mlflow.set_tags({"model": model, "subset": str(subset) if subset else "full"})
         for epoch, acc in enumerate(test_acc, 1):
@@ -86,27 +86,24 @@ def test_report_pulls_every_number_from_the_runs(fake_runs, run_cli, tmp_path):
     assert "Seeds with >= 99.4% in every epoch from epoch 11 on: 0/2" in text  # step5's runs have 5 epochs
 
 
-def test_holds_checks_every_epoch_from_the_first_one_on():
-    def result(accs):
-        return results.Result("id", "step5-s1", "step5", 1, 7574, len(accs), accs, accs, {}, 1.0)
-
-    assert results.holds(result([99.0, 99.41, 99.40]), 2)
-    assert not results.holds(result([99.0, 99.41, 99.39]), 2)
-    assert not results.holds(result([99.5, 99.5]), 3)  # a run shorter than that never holds
+def test_the_target_rule():
+    assert target.holds([99.0, 99.41, 99.40], 2)
+    assert not target.holds([99.0, 99.41, 99.39], 2)
+    assert not target.holds([99.5, 99.5], 3)  # a run shorter than that never holds
+    assert target.met([99.0, 99.4, 99.41, 99.5], 7999, 15) and not target.met([99.4, 99.39, 99.5, 99.5], 7999, 15)
+    assert not target.met([99.5] * 3, 8000, 15) and not target.met([99.5] * 16, 7999, 16)
 
 
 def test_a_run_logged_before_a_recipe_key_existed_had_that_keys_default(store):
     """Runs from before `ema` existed trained without it: they still count for a recipe without an EMA,
     not for one with, and resume with it off (and in the layout they had)."""
-    from trainer.tracking import config_of_run
-
     mlflow.set_tracking_uri(store)
     mlflow.set_experiment("tests")
     old_ref = log_fake_run("ref6712", 1, [99.0, 99.1], drop=("ema", "channels_last"))
     old_step5 = log_fake_run("step5", 1, [99.0, 99.1], drop=("ema", "channels_last"))
     runs = {run.info.run_id: run for run in results.search("tests")}
     assert results.follows_recipe(runs[old_ref]) and not results.follows_recipe(runs[old_step5])
-    old_config = config_of_run(old_step5)
+    old_config = Config.from_params(mlflow.get_run(old_step5).data.params)
     assert models.get_variant("step5").recipe["ema"] > 0 and old_config.ema == 0.0
     assert old_config.channels_last is False  # those runs trained in NCHW: a resume stays bit-exact
 

@@ -6,7 +6,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from trainer.cli import cli
-from trainer.engine import Config
+from trainer.config import Config
 
 PARAMS = {f for f in Config.__dataclass_fields__} | {"num_params"}
 METRICS = {"train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds"}

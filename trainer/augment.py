@@ -7,34 +7,42 @@ of (run seed, epoch, batch) alone, whatever the worker count, so a run resumed a
 exactly the images an uninterrupted run would.
 """
 
-import albumentations as A
+import os
+
 import torch
+
+from trainer.config import AUGMENTS
 
 ROTATE, SHIFT, SCALE = 8, 0.06, 0.06  # `standard`: +-degrees, +-fraction of the size, +-scale
 
-# name -> the geometric transforms applied before normalisation (fill 0 = MNIST background).
-AUGMENTS = {
-    "none": [],
-    "light": [A.Rotate(limit=7, border_mode=0, fill=0, p=1.0)],
-    "standard": [
-        A.Affine(
-            rotate=(-ROTATE, ROTATE),
-            translate_percent=(-SHIFT, SHIFT),
-            scale=(1 - SCALE, 1 + SCALE),
-            border_mode=0,
-            fill=0,
-            p=1.0,
-        )
-    ],
-}
+
+def transforms(name: str, A) -> list:
+    """The geometric transforms of the pipeline `name` (fill 0 = MNIST background)."""
+    return {
+        "none": [],
+        "light": [A.Rotate(limit=7, border_mode=0, fill=0, p=1.0)],
+        "standard": [
+            A.Affine(
+                rotate=(-ROTATE, ROTATE),
+                translate_percent=(-SHIFT, SHIFT),
+                scale=(1 - SCALE, 1 + SCALE),
+                border_mode=0,
+                fill=0,
+                p=1.0,
+            )
+        ],
+    }[name]
 
 
-def build_augment(name: str) -> A.Compose:
+def build_augment(name: str):
     """The named pipeline: uint8 (28, 28) in, uint8 (28, 28) out. Normalisation by the MNIST mean and
     std follows on the whole batch (`trainer.data.normalize`): per image, A.Normalize doubles the cost."""
     if name not in AUGMENTS:
         raise ValueError(f"unknown augment {name!r}; choose from: {', '.join(AUGMENTS)}")
-    return A.Compose(AUGMENTS[name], seed=0, strict=False)
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations asks PyPI at import: never unasked
+    import albumentations as A
+
+    return A.Compose(transforms(name, A), seed=0, strict=False)
 
 
 class EpochBatches(torch.utils.data.Sampler):

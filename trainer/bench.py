@@ -7,7 +7,8 @@
    `.item()` every step (the write-ups' loop), at the same augmentation strength as ours;
 3. ours: one training epoch exactly as `trainer train` runs it, then its evaluation (with --compile or
    --amp, ours is compiled or bf16; every other row stays eager float32: the floor is eager compute).
-Same model and batch size for all. floor and plain run on torch's default threads (every core); ours
+Same model, batch size and device for all (on a GPU every row's tensors and model are on it, and each
+timing waits for the device to finish). floor and plain run on torch's default threads (every core); ours
 splits them as `trainer train` does (`engine.compute_threads`). Each is warmed up, then all are repeated in
 turn (round robin, so that the machine's slow spells hit every row alike); min and median reported.
 """
@@ -27,16 +28,18 @@ from trainer.augment import ROTATE, SCALE, SHIFT
 from trainer.data import MNIST_MEAN, MNIST_STD, load_mnist
 
 
-def elapsed(fn) -> float:
+def elapsed(fn, device) -> float:
     start = time.perf_counter()
     fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def floor(cfg, model, batches: int):
+def floor(cfg, model, batches: int, device):
     """Eager compute in PyTorch's default (NCHW) layout: the floor the ratios are taken against."""
-    x = torch.randn(cfg.batch_size, 1, 28, 28)
-    y = torch.randint(0, 10, (cfg.batch_size,))
+    x = torch.randn(cfg.batch_size, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (cfg.batch_size,), device=device)
     optimizer = engine.make_optimizer(cfg, model)
 
     def run():
@@ -49,14 +52,14 @@ def floor(cfg, model, batches: int):
     return run, batches * cfg.batch_size
 
 
-def floor_nhwc(cfg, model, batches: int):
+def floor_nhwc(cfg, model, batches: int, device):
     """The same compute in our default channels_last layout."""
-    return floor(cfg, model.to(memory_format=torch.channels_last), batches)
+    return floor(cfg, model.to(memory_format=torch.channels_last), batches, device)
 
 
-def floor_train(cfg, model, batches: int):
+def floor_train(cfg, model, batches: int, device):
     """The same compute in our layout on the threads `trainer train` trains on: eager ours without the data."""
-    run, images = floor(cfg, model.to(memory_format=engine.memory_format(cfg)), batches)
+    run, images = floor(cfg, model.to(memory_format=engine.memory_format(cfg)), batches, device)
     train_threads, _ = engine.compute_threads()
 
     def on_train_threads():
@@ -82,7 +85,7 @@ class PILDataset(torch.utils.data.Dataset):
         return self.transform(self.images[i]), self.labels[i]
 
 
-def plain(cfg, model, batches: int):
+def plain(cfg, model, batches: int, device):
     """torchvision affine with the parameters of our `standard` pipeline."""
     transform = transforms.Compose(
         [
@@ -98,6 +101,7 @@ def plain(cfg, model, batches: int):
     def run():
         model.train()
         for x, y in loader:
+            x, y = x.to(device), y.to(device)
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad()
             loss.backward()
@@ -108,23 +112,19 @@ def plain(cfg, model, batches: int):
 
 
 def ours(cfg, model, device):
-    train_loader, test_loader, sampler = engine.make_loaders(cfg, device)
-    optimizer = engine.make_optimizer(cfg, model)
-    scheduler = engine.make_scheduler(cfg, optimizer, len(train_loader))
-    ema = engine.make_ema(cfg, model)
+    t = engine.build_training(cfg, model, device)
     eval_times = []
-
     train_threads, eval_threads = engine.compute_threads()
 
     def run():
         with engine.threads(train_threads):
-            engine.train_one_epoch(model, train_loader, optimizer, scheduler, device, cfg.amp, "bench", ema)
+            engine.train_one_epoch(model, t.train_loader, t.optimizer, t.scheduler, device, cfg.amp, "bench", t.ema)
         start = time.perf_counter()
         with engine.threads(eval_threads):
-            engine.evaluate(model, test_loader, device, cfg.amp)
-        eval_times.append(time.perf_counter() - start)
+            engine.evaluate(model, t.test_loader, device, cfg.amp)
+        eval_times.append(time.perf_counter() - start)  # evaluate ends in .item(): the device is done
 
-    return run, sampler.n, eval_times
+    return run, t.sampler.n, eval_times
 
 
 def bench(cfg: engine.Config, batches: int, repeats: int) -> dict:
@@ -135,7 +135,8 @@ def bench(cfg: engine.Config, batches: int, repeats: int) -> dict:
     makers = {"floor": floor, "plain": plain} | ({"floor_nhwc": floor_nhwc} if cfg.channels_last else {})
     makers["floor_train"] = floor_train
     for name, make in makers.items():
-        runs[name], images[name] = make(cfg, models.get_model(cfg.model, cfg.dropout).train(), batches)
+        model = models.get_model(cfg.model, cfg.dropout).to(device).train()
+        runs[name], images[name] = make(cfg, model, batches, device)
     model = models.get_model(cfg.model, cfg.dropout).to(device, memory_format=engine.memory_format(cfg))
     ours_cfg = dataclasses.replace(cfg, epochs=1 + repeats)  # a schedule that lasts the warm-up and the repeats
     runs["ours"], images["ours"], eval_times = ours(ours_cfg, torch.compile(model) if cfg.compile else model, device)
@@ -145,7 +146,7 @@ def bench(cfg: engine.Config, batches: int, repeats: int) -> dict:
     times = {name: [] for name in runs}
     for _ in range(repeats):  # round robin: a slow spell of the machine hits every row alike
         for name, run in runs.items():
-            times[name].append(elapsed(run))
+            times[name].append(elapsed(run, device))
     times["ours"] = [t - e for t, e in zip(times["ours"], eval_times, strict=True)]  # training only
     rows = {}
     for name, row_times in times.items():
@@ -191,6 +192,6 @@ def table(result: dict) -> str:
 
 
 def write_json(result: dict, path) -> None:
-    from trainer.data import atomic_write
+    from trainer.files import atomic_write
 
     atomic_write(path, json.dumps(result, indent=2).encode())

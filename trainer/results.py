@@ -3,8 +3,7 @@
 Only finished full-data runs count as results; `--subset` smoke runs are tagged and left out.
 """
 
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cache
 
 import mlflow
@@ -13,7 +12,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import models
-from trainer.tracking import ADDED_SINCE, DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, EPOCH_LIMIT, PARAM_LIMIT, TARGET_ACC
+from trainer import store, target
+from trainer.config import Config
 
 COMPARE_COLUMNS = ["run", "model", "params", "epochs", "best test acc (epoch)", "min last 3", "target met", "duration"]
 
@@ -36,9 +36,9 @@ class Result:
 
 def search(experiment: str | None = None, filter_string: str = "", full_only: bool = True) -> list:
     """Finished training runs of the experiment (default: the configured one), newest first."""
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
+    mlflow.set_tracking_uri(store.tracking_uri())
     client = MlflowClient()
-    name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
+    name = experiment or store.experiment_name()
     exp = client.get_experiment_by_name(name)
     if exp is None:
         raise ValueError(f"no experiment named {name!r} in {mlflow.get_tracking_uri()}")
@@ -71,22 +71,22 @@ def load(run) -> Result:
     )
 
 
-@cache
-def recipe_params(name: str) -> dict[str, str]:
-    """The params a run of `name` logs when trained as the variant now stands (epochs aside)."""
-    variant = models.get_variant(name)
-    expected = {k: str(v) for k, v in variant.recipe.items() if k != "epochs"}
-    expected["num_params"] = str(models.num_params(variant.build()))
-    return expected
-
-
 def follows_recipe(run) -> bool:
     """Trained as its variant now stands: the current parameter count and the recipe's values (the
     epoch count aside, which the report shows). Runs with overrides stay in `trainer compare`."""
     p = run.data.params
     if p["model"] not in models.list_models():
         return False
-    return all(p.get(k, str(ADDED_SINCE.get(k))) == v for k, v in recipe_params(p["model"]).items())
+    cfg = Config.from_params(p)
+    variant = models.get_variant(cfg.model)
+    recipe = [f.name for f in fields(Config) if f.metadata["recipe"] and f.name != "epochs"]
+    same = all(getattr(cfg, name) == variant.recipe[name] for name in recipe)
+    return same and p.get("num_params") == str(current_params(cfg.model))
+
+
+@cache
+def current_params(name: str) -> int:
+    return models.num_params(models.get_variant(name).build())
 
 
 def latest_per_seed(results: list[Result]) -> dict[str, dict[int, Result]]:
@@ -128,21 +128,15 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join("| " + " | ".join(str(x) for x in row) + " |" for row in lines)
 
 
-def holds(r: Result, first_epoch: int) -> bool:
-    """Test accuracy >= the target in every epoch from `first_epoch` to the last (a shorter run: no)."""
-    return len(r.test_acc) >= first_epoch and min(r.test_acc[first_epoch - 1 :]) >= TARGET_ACC
-
-
-def target_met(r: Result, last: int = 3) -> bool:
-    return min(r.test_acc[-last:]) >= TARGET_ACC and r.params < PARAM_LIMIT and r.epochs <= EPOCH_LIMIT
+def target_met(r: Result) -> bool:
+    return target.met(r.test_acc, r.params, r.epochs)
 
 
 def variant_section(name: str, seeds: dict[int, Result]) -> str:
     variant = models.get_variant(name)
-    n_params = models.num_params(variant.build())
-    lines = [f"### {name}", "", f"**Target:** {variant.target}", ""]
-    if variant.claim:
-        lines += [f"**Write-up's claim:** {variant.claim}", ""]
+    n_params = current_params(name)
+    head, analysis = notes_parts(name)
+    lines = [f"### {name}", "", head, ""] if head else [f"### {name}", ""]
     if not seeds:
         lines += ["**Result:** no full tracked run yet.", ""]
     else:
@@ -153,14 +147,15 @@ def variant_section(name: str, seeds: dict[int, Result]) -> str:
             "**Result:**",
             f"- Parameters: {n_params:,}",
             f"- Best train accuracy: {best_train:.2f}%; best test accuracy: {best_test:.2f}%",
-            f"- Seeds that met the target (>= {TARGET_ACC}% in each of the last 3 epochs, < 8k params): "
+            f"- Seeds that met the target (>= {target.TARGET_ACC}% in each of the last {target.LAST_EPOCHS} epochs, "
+            f"< {target.PARAM_LIMIT:,} params): "
             f"{len(met)}/{len(seeds)} {met if met else ''}".rstrip(),
         ]
         if variant.hold_from:
             first = variant.hold_from
-            held = [s for s, r in sorted(seeds.items()) if holds(r, first)]
+            held = [s for s, r in sorted(seeds.items()) if target.holds(r.test_acc, first)]
             lines.append(
-                f"- Seeds with >= {TARGET_ACC}% in every epoch from epoch {first} on: "
+                f"- Seeds with >= {target.TARGET_ACC}% in every epoch from epoch {first} on: "
                 f"{len(held)}/{len(seeds)} {held if held else ''}".rstrip()
             )
         for seed, r in sorted(seeds.items()):
@@ -169,9 +164,16 @@ def variant_section(name: str, seeds: dict[int, Result]) -> str:
         lines.append("")
     if variant.claim_check and seeds:
         lines += [claim_verdict(variant.claim_check, seeds), ""]
-    if variant.analysis:
-        lines += [f"**Analysis:** {variant.analysis}", ""]
+    if analysis:
+        lines += [analysis, ""]
     return "\n".join(lines)
+
+
+def notes_parts(name: str) -> tuple[str, str]:
+    """The variant's notes split around its analysis: (Target and claim, Analysis), without the title."""
+    body = "\n".join(line for line in models.notes(name).splitlines() if not line.startswith("# ")).strip()
+    head, marker, analysis = body.partition("**Analysis:**")
+    return head.strip(), (marker + analysis).strip()
 
 
 def claim_verdict(check: tuple[int, int, float], seeds: dict[int, Result]) -> str:
@@ -202,7 +204,7 @@ def report(experiment: str | None = None) -> str:
                 name,
                 f"{np.mean([max(r.train_acc) for r in runs]):.2f}",
                 f"{np.mean([max(r.test_acc) for r in runs]):.2f}",
-                f"{np.mean([np.mean(r.test_acc[-3:]) for r in runs]):.2f}",
+                f"{np.mean([np.mean(r.test_acc[-target.LAST_EPOCHS :]) for r in runs]):.2f}",
                 f"{runs[0].params:,}",
                 str(runs[0].epochs),
                 f"{sum(target_met(r) for r in runs)}/{len(runs)}",
@@ -224,6 +226,8 @@ def report(experiment: str | None = None) -> str:
 
 def latest_target_met() -> dict[str, str]:
     """{model: 'yes'/'no'} from its newest finished full-data run with its recipe; {} without a store."""
+    if not store.exists():  # reading a missing sqlite store would create it
+        return {}
     try:
         runs = search()
     except (ValueError, MlflowException):

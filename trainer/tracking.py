@@ -1,102 +1,161 @@
-"""One MLflow run per training: params, per-epoch metrics, checkpoints, figures and the model.
+"""One MLflow run per training: its config, per-epoch metrics and checkpoints, figures and the model.
 
-Store and experiment come from MLFLOW_TRACKING_URI / MLFLOW_EXPERIMENT_NAME, defaulting to the
-local `sqlite:///mlflow.db` and `mnist8k`. A run that raises ends FAILED; Ctrl-C or SIGTERM ends it
-KILLED; either way the checkpoint of the last completed epoch is already in the run.
+The life of a run, and what is guaranteed at every moment of it:
+- start: the resolved config as params and `config.json`; a lease (one writer per run, see `Lease`);
+- each epoch is committed in this order: its checkpoint file (with the epoch's metrics and the config
+  inside), then the tags that name it and its sha256, then its metrics. A process that dies anywhere
+  in between leaves a run that `--resume` continues from the newest checkpoint that verifies, logging
+  each step's metrics exactly once;
+- the end: figures, the model (once), the summary metrics, then FINISHED. A run interrupted there is
+  finished by `--resume`, without training;
+- SIGINT/SIGTERM end the run KILLED, an exception FAILED; the lease is released either way.
 """
 
-import fcntl
-import io
+import logging
 import os
-import random
 import signal
+import socket
 import subprocess
 import tempfile
-import traceback
-from contextlib import ExitStack, contextmanager
-from dataclasses import fields
+import threading
+import time
+import uuid
+from contextlib import ExitStack
 from pathlib import Path
-from typing import get_args
 
 import mlflow
 import numpy as np
-import requests
 import torch
 import torchinfo
-from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 import models
-from trainer import plots
+from trainer import checkpoints, plots, target
 from trainer.augment import build_augment
-from trainer.data import atomic_write, load_mnist
-from trainer.engine import Config, NonFiniteLoss, check_compiler, fit, peak_rss_mb, resolve_device, seed_everything
+from trainer.config import Config
+from trainer.data import ensure_mnist, load_mnist
+from trainer.engine import NonFiniteLoss, check_compiler, fit, peak_rss_mb, resolve_device, seed_everything
+from trainer.files import atomic_write
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-DEFAULT_EXPERIMENT = "mnist8k"
-TARGET_ACC, PARAM_LIMIT, EPOCH_LIMIT = 99.40, 8000, 15
-CHECKPOINT_TAG = "last_checkpoint"
-# Params added after the first runs were logged, with the value those runs had (resume and report use it).
-ADDED_SINCE = {"ema": 0.0, "channels_last": False}
+log = logging.getLogger("trainer")
 EPOCH_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds")
+LEASE_OWNER, LEASE_EXPIRES = "lease_owner", "lease_expires"
+LEASE_SECONDS = float(os.environ.get("MNIST8K_LEASE_SECONDS", 60))  # a silent writer's run is free after this
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that both end the run KILLED."""
+    """SIGINT or SIGTERM, raised like Ctrl-C so that both end the run KILLED."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
-def setup_tracking() -> str:
-    """Point MLflow at the store and experiment; returns the tracking URI."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
-    mlflow.set_tracking_uri(uri)
-    with store_lock(uri):  # the first touch creates (migrates) a sqlite store: one process at a time
-        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
-        if mlflow.get_experiment_by_name(name) is None:
-            create_experiment(name, uri)
-    if not os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`, the run (and its experiment) exists
-        mlflow.set_experiment(name)
-    return uri
+class Signals:
+    """SIGINT and SIGTERM raise `Interrupted` at once, and again at every `check()`: an exception raised
+    by a handler can land where Python ignores it (a garbage-collector callback), so the signal is
+    also remembered and cannot be lost. Outside the main thread (a Ray trial) nothing is installed."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handler(self, signum, frame):
+        self.received = signum
+        raise Interrupted(signum)
+
+    def check(self) -> None:
+        if self.received:
+            raise Interrupted(self.received)
 
 
-@contextmanager
-def store_lock(uri: str):
-    """An exclusive lock on `<db>.lock` beside a sqlite store; nothing to lock for a server."""
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    with open(f"{uri.removeprefix('sqlite:///')}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+class RunBusy(ValueError):
+    """Another live process writes this run."""
 
 
-def create_experiment(name: str, uri: str) -> None:
-    """A sqlite store keeps its artifacts beside the database file (not in the current directory)."""
-    location = None
-    if uri.startswith("sqlite:///"):
-        location = (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
+class Lease:
+    """One writer per run: the writer's id (host:pid:token) and an expiry time in the run's tags,
+    renewed by a thread. Another process may take the run once the lease has expired, or at once
+    when the holder is a dead process on this host."""
+
+    def __init__(self, run_id: str):
+        self.run_id, self.client = run_id, MlflowClient()
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.stopped = threading.Event()
+
+    def holder(self) -> str | None:
+        """The live holder of the run's lease other than us, or None."""
+        tags = self.client.get_run(self.run_id).data.tags
+        owner, expires = tags.get(LEASE_OWNER), float(tags.get(LEASE_EXPIRES, 0))
+        self.expires = expires
+        if not owner or owner == self.owner or expires < time.time():
+            return None
+        host, pid, _ = owner.split(":")
+        if host == socket.gethostname() and not pid_alive(int(pid)):
+            return None
+        return owner
+
+    def acquire(self, wait: bool = False) -> None:
+        while (owner := self.holder()) is not None:
+            if not wait:
+                left = self.expires - time.time()
+                raise RunBusy(
+                    f"run {self.run_id} is being trained by {owner} (host:pid:token); its lease runs "
+                    f"{left:.0f} s more unless renewed: stop that process or wait"
+                )
+            time.sleep(2)
+        self.renew()
+        time.sleep(0.5)  # two takers at once: the last write wins, the other sees it and backs off
+        if (owner := self.holder()) is not None:
+            raise RunBusy(f"run {self.run_id} was just taken by {owner}: not resumed")
+        threading.Thread(target=self.keep, daemon=True).start()
+
+    def renew(self) -> None:
+        self.client.set_tag(self.run_id, LEASE_OWNER, self.owner)  # owner first: expiry alone is never ours
+        self.client.set_tag(self.run_id, LEASE_EXPIRES, f"{time.time() + LEASE_SECONDS:.0f}")
+
+    def keep(self) -> None:
+        while not self.stopped.wait(LEASE_SECONDS / 4):
+            try:
+                self.renew()
+            except Exception as e:  # a store outage: the next renewal retries; training goes on
+                log.warning(f"lease renewal failed ({type(e).__name__}); retrying")
+
+    def release(self) -> None:
+        self.stopped.set()
+        self.client.set_tag(self.run_id, LEASE_EXPIRES, "0")
+
+
+def pid_alive(pid: int) -> bool:
     try:
-        mlflow.create_experiment(name, artifact_location=location)
-    except MlflowException as e:  # another process created it first: fine
-        if e.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def summarize(history: list[dict], num_params: int, epochs: int) -> dict:
     """The run's summary metrics, from its per-epoch test accuracies."""
     accs = [h["test_acc"] for h in history]
     best = int(np.argmax(accs))
-    last3 = min(accs[-3:])
-    met = last3 >= TARGET_ACC and num_params < PARAM_LIMIT and epochs <= EPOCH_LIMIT
     return {
         "best_test_acc": accs[best],
         "best_epoch": history[best]["epoch"],
         "best_train_acc": max(h["train_acc"] for h in history),
-        "last3_min_test_acc": last3,
-        "target_met": float(met),
+        "last3_min_test_acc": min(accs[-target.LAST_EPOCHS :]),
+        "target_met": float(target.met(accs, num_params, epochs)),
     }
 
 
@@ -108,58 +167,44 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def model_summary(model) -> str:
-    return str(torchinfo.summary(model, input_size=(1, 1, 28, 28), verbose=0, device="cpu"))
-
-
 def log_figure(fig, name: str) -> None:
     mlflow.log_figure(fig, name)
     plots.plt.close(fig)
 
 
-def checkpoint(state: dict, cfg: Config) -> dict:
-    """Model, optimizer, scheduler, epoch, RNG states and data order; tensors and plain types only, so
-    torch.load(weights_only=True) reads it. A resume needs no RNG state (every epoch reseeds from
-    (seed, epoch)); they are kept so that a checkpoint says everything about where the run stood."""
-    np_state = np.random.get_state()
-    return {
-        **state,
-        "rng": {
-            "python": list(random.getstate()[1]),
-            "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
-            "torch": torch.get_rng_state(),
-        },
-        "data_order": {"seed": cfg.seed, "epoch": state["epoch"]},
-    }
+def logged_history(run_id: str) -> dict[int, dict]:
+    """{epoch: metrics} for every step whose metrics the run has logged (one transaction each)."""
+    client = MlflowClient()
+    by_epoch: dict[int, dict] = {}
+    for key in EPOCH_METRICS:
+        for m in client.get_metric_history(run_id, key):
+            by_epoch.setdefault(m.step, {"epoch": m.step})[key] = m.value
+    return {epoch: h for epoch, h in by_epoch.items() if "test_acc" in h}
 
 
-def log_checkpoint(state: dict, cfg: Config, tmpdir: Path) -> None:
-    """Write atomically, log as checkpoints/epoch_NN.pt, then point the tag at it (never at half a file)."""
-    name = f"epoch_{state['epoch']:02d}.pt"
-    path = tmpdir / name
-    buffer = io.BytesIO()
-    torch.save(checkpoint(state, cfg), buffer)
-    atomic_write(path, buffer.getvalue())
-    mlflow.log_artifact(str(path), artifact_path="checkpoints")
-    mlflow.set_tag(CHECKPOINT_TAG, f"checkpoints/{name}")
-    path.unlink()
+def commit_epoch(run_id: str, epoch: int, metrics: dict, state: dict, cfg: Config, logged: dict, tmp: Path) -> None:
+    """Checkpoint file, then the tags that name it, then the metrics (each write all or nothing)."""
+    payload = checkpoints.to_bytes(state, metrics, cfg)
+    path = checkpoints.name(epoch)
+    local = tmp / Path(path).name
+    atomic_write(local, payload)
+    mlflow.log_artifact(str(local), artifact_path=checkpoints.FOLDER)
+    local.unlink()
+    mlflow.set_tags({checkpoints.TAG: path, checkpoints.SHA_TAG: checkpoints.sha256(payload)})
+    if epoch not in logged:  # a resumed run re-trains epochs whose metrics may already be logged
+        mlflow.log_metrics(metrics, step=epoch)
 
 
-@contextmanager
-def sigterm_as_interrupt():
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def handler(signum, frame):
-        raise Interrupted("SIGTERM")
-
-    signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def log_model(model, device) -> None:
+def log_model(model, device, run_id: str) -> None:
+    """The model, once: a model this run logged completely before it was interrupted is kept, a
+    half-logged one is deleted and logged again."""
+    client = MlflowClient()
+    for logged in client.search_logged_models(
+        [mlflow.get_run(run_id).info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
+    ):
+        if logged.status.name == "READY":
+            return
+        client.delete_logged_model(logged.model_id)
     model.eval()
     example = np.zeros((2, 1, 28, 28), dtype=np.float32)
     with torch.inference_mode():
@@ -173,60 +218,9 @@ def log_model(model, device) -> None:
     )
 
 
-def train(cfg: Config, resume_run_id: str | None = None) -> dict:
-    """Train `cfg` inside one MLflow run (or continue `resume_run_id` from its last checkpoint).
-
-    Under `mlflow run` or `trainer sweep` the run is a child of the run already active. Returns the
-    summary metrics."""
-    variant = models.get_variant(cfg.model)
-    device = resolve_device(cfg.device)
-    check_compiler(cfg)
-    seed_everything(cfg.seed)
-    model = variant.build(cfg.dropout)
-    n_params = models.num_params(model)
-    history, state = [], None
-    if resume_run_id:
-        state = load_checkpoint(resume_run_id)
-        model.load_state_dict(state["model"])
-        history = logged_history(resume_run_id, state["epoch"])
-        print(f"resuming run {resume_run_id} after epoch {state['epoch']}")
-    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
-        project_run = os.environ.pop("MLFLOW_RUN_ID", None)
-        if project_run and not mlflow.active_run():  # `mlflow run`: the -P values' run; training is its child
-            stack.enter_context(mlflow.start_run(run_id=project_run))
-        nested = mlflow.active_run() is not None
-        name = None if resume_run_id else f"{cfg.model}-s{cfg.seed}"
-        run = stack.enter_context(mlflow.start_run(run_id=resume_run_id, run_name=name, nested=nested))
-        try:
-            with sigterm_as_interrupt():
-                if not resume_run_id:
-                    log_run_start(cfg, variant, model, n_params, device)
-                model.to(device)
-
-                def on_epoch(epoch, metrics, state):
-                    history.append({"epoch": epoch, **{k: v for k, v in metrics.items() if k != "preds"}})
-                    mlflow.log_metrics({k: v for k, v in history[-1].items() if k != "epoch"}, step=epoch)
-                    log_checkpoint(state, cfg, Path(tmp))
-
-                start = state["epoch"] + 1 if state else 1
-                test_loader, last = fit(cfg, model, device, on_epoch, start_epoch=start, state=state)
-                summary = summarize(history, n_params, cfg.epochs)
-                mlflow.log_metrics(summary)
-                log_artifacts_at_end(history, test_loader, last["preds"])
-                log_model(model, device)
-                mlflow.log_metric("peak_rss_mb", peak_rss_mb())  # fit's workers have exited: counted
-        except NonFiniteLoss as e:
-            mlflow.set_tag("failure_reason", str(e))
-            raise
-        except KeyboardInterrupt:
-            mlflow.end_run("KILLED")
-            raise
-    print(f"run {run.info.run_id}: " + ", ".join(f"{k} {v:g}" for k, v in summary.items()))
-    return summary
-
-
 def log_run_start(cfg: Config, variant, model, n_params: int, device) -> None:
-    mlflow.log_params({**cfg.as_params(), "num_params": n_params, "device": str(device)})
+    mlflow.log_params({**vars(cfg), "num_params": n_params, "device": str(device)})
+    mlflow.log_text(cfg.to_json(), "config.json")
     mlflow.set_tags(
         {
             "model": cfg.model,
@@ -237,112 +231,98 @@ def log_run_start(cfg: Config, variant, model, n_params: int, device) -> None:
             "subset": str(cfg.subset) if cfg.subset else "full",
         }
     )
-    mlflow.log_text(model_summary(model), "model_summary.txt")
+    summary = torchinfo.summary(model, input_size=(1, 1, 28, 28), verbose=0, device="cpu")
+    mlflow.log_text(str(summary), "model_summary.txt")
     train_images, _ = load_mnist(cfg.data_dir, train=True, subset=8)
     log_figure(plots.augment_preview(train_images.numpy(), build_augment(cfg.augment)), "augment_preview.png")
 
 
-class CheckpointError(ValueError):
-    pass
-
-
-def config_of_run(run_id: str) -> Config:
-    """The Config a run was started with, from its logged params."""
-    params = MlflowClient().get_run(run_id).data.params
-    values = {}
-    for f in fields(Config):
-        if f.name not in params and f.name not in ADDED_SINCE:
-            raise CheckpointError(f"run {run_id} has no param {f.name!r}: not a trainer run")
-        raw = params.get(f.name, str(ADDED_SINCE.get(f.name)))
-        types = [t for t in get_args(f.type) if t is not type(None)] or [f.type]
-        values[f.name] = None if raw == "None" else (raw == "True" if types[0] is bool else types[0](raw))
-    return Config(**values)
-
-
-def load_checkpoint(run_id: str) -> dict:
-    """The run's last complete checkpoint, read with torch.load(weights_only=True)."""
-    run = MlflowClient().get_run(run_id)
-    path = run.data.tags.get(CHECKPOINT_TAG)
-    if path is None:
-        raise CheckpointError(f"run {run_id} has no checkpoint: it never completed an epoch")
-    if run.info.status == "FINISHED":
-        raise CheckpointError(f"run {run_id} already finished: nothing to resume")
-    with tempfile.TemporaryDirectory() as tmp:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp)
-        try:
-            state = torch.load(local, map_location="cpu", weights_only=True)
-            missing = {"epoch", "model", "optimizer", "scheduler"} - set(state)
-        except Exception as e:  # truncated, tampered or not a checkpoint at all
-            raise CheckpointError(f"checkpoint {path} of run {run_id} is unreadable ({type(e).__name__})") from None
-    if missing:
-        raise CheckpointError(f"checkpoint {path} of run {run_id} lacks {sorted(missing)}")
-    return state
-
-
-def logged_history(run_id: str, upto: int) -> list[dict]:
-    """The per-epoch metrics a run logged for epochs 1..upto."""
-    client = MlflowClient()
-    by_epoch: dict[int, dict] = {epoch: {"epoch": epoch} for epoch in range(1, upto + 1)}
-    for key in EPOCH_METRICS:
-        for m in client.get_metric_history(run_id, key):
-            if m.step in by_epoch:
-                by_epoch[m.step][key] = m.value
-    return list(by_epoch.values())
-
-
-def log_artifacts_at_end(history, test_loader, preds) -> None:
+def log_run_end(run_id: str, history: list[dict], test_loader, preds, model, device, n_params: int, cfg) -> dict:
+    """Figures (same names: a second pass replaces them), the model (once), then the summary metrics."""
     targets = test_loader.dataset.tensors[1].numpy()
     images = test_loader.dataset.tensors[0][:, 0].numpy()
     log_figure(plots.curves(history), "curves.png")
     log_figure(plots.confusion_matrix(targets, preds.numpy()), "confusion_matrix.png")
     log_figure(plots.misclassified(images, targets, preds.numpy()), "misclassified.png")
+    log_model(model, device, run_id)
+    summary = summarize(history, n_params, cfg.epochs)
+    logged = MlflowClient().get_run(run_id).data.metrics
+    mlflow.log_metrics({k: v for k, v in {**summary, "peak_rss_mb": peak_rss_mb()}.items() if k not in logged})
+    return summary
 
 
-class StoreUnreachable(ValueError):
-    pass
+def resume_point(run_id: str, overrides: dict) -> tuple[Config, dict, dict]:
+    """(config, newest good checkpoint, logged history) of a run to resume. The config is the run's
+    own, from its checkpoint (or, for runs older than that, its params), with `overrides` on top."""
+    run = MlflowClient().get_run(run_id)
+    if run.info.status == "FINISHED":
+        raise checkpoints.CheckpointError(f"run {run_id} already finished: nothing to resume")
+    state = checkpoints.latest_good(run_id, log=log.warning)
+    cfg = Config.from_dict(state["config"]) if "config" in state else Config.from_params(run.data.params)
+    cfg = Config.from_dict({**vars(cfg), **{k: v for k, v in overrides.items() if v is not None}})
+    return cfg, state, logged_history(run_id)
 
 
-def check_store() -> None:
-    """Fail before training, not after 15 epochs, if the tracking store can't be used."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
-    if uri.startswith(("http://", "https://")):
+def train(cfg: Config | None = None, resume_run_id: str | None = None, overrides: dict | None = None) -> dict:
+    """Train `cfg` in a new MLflow run, or continue `resume_run_id` from its newest good checkpoint
+    (its own config, with `overrides` such as data_dir on top). Under `mlflow run` or a sweep the run
+    is a child of the run already active. Returns the summary metrics."""
+    state, logged = None, {}
+    if resume_run_id:
+        cfg, state, logged = resume_point(resume_run_id, overrides or {})
+    ensure_mnist(cfg.data_dir, log=log.info)
+    variant = models.get_variant(cfg.model)
+    device = resolve_device(cfg.device)
+    check_compiler(cfg)
+    seed_everything(cfg.seed)
+    model = variant.build(cfg.dropout)
+    n_params = models.num_params(model)
+    history = [logged[e] for e in sorted(logged) if state and e <= state["epoch"]]
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        project_run = os.environ.pop("MLFLOW_RUN_ID", None)
+        if project_run and not mlflow.active_run():  # `mlflow run`: the -P values' run; training is its child
+            stack.enter_context(mlflow.start_run(run_id=project_run))
+        nested = mlflow.active_run() is not None
+        if resume_run_id:
+            lease = Lease(resume_run_id)
+            lease.acquire()
+        name = None if resume_run_id else f"{cfg.model}-s{cfg.seed}"
+        run = stack.enter_context(mlflow.start_run(run_id=resume_run_id, run_name=name, nested=nested))
+        if not resume_run_id:
+            lease = Lease(run.info.run_id)
+            lease.acquire()
+        signals = stack.enter_context(Signals())
         try:
-            requests.get(f"{uri.rstrip('/')}/health", timeout=5).raise_for_status()
-        except requests.RequestException as e:
-            raise StoreUnreachable(f"tracking server {uri} is unreachable ({type(e).__name__})") from None
-    elif uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).resolve().parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise StoreUnreachable(f"tracking store {uri}: folder {folder} is missing or not writable")
-    setup_tracking()
+            if state:
+                model.load_state_dict(state["model"])
+                if state["epoch"] not in logged:  # died between the checkpoint's tags and its metrics
+                    mlflow.log_metrics(state["metrics"], step=state["epoch"])
+                    history.append({"epoch": state["epoch"], **state["metrics"]})
+                log.info(f"resuming run {run.info.run_id} after epoch {state['epoch']}")
+            else:
+                log_run_start(cfg, variant, model, n_params, device)
+            model.to(device)
 
+            def on_epoch(epoch, metrics, epoch_state):
+                signals.check()
+                history.append({"epoch": epoch, **metrics})
+                commit_epoch(run.info.run_id, epoch, metrics, epoch_state, cfg, logged, Path(tmp))
+                signals.check()
 
-def sweep(configs: list[Config]) -> int:
-    """Each config as a child run of one parent run; a failed child is recorded and the sweep goes on.
-    The parent logs, per model, mean and std over seeds and how many seeds met the target. Returns
-    the number of failed children."""
-    setup_tracking()
-    results: dict[str, list[dict]] = {}
-    failed = 0
-    project_run = os.environ.pop("MLFLOW_RUN_ID", None)  # under `mlflow run -e sweep`: the parent
-    with mlflow.start_run(run_id=project_run, run_name=None if project_run else f"sweep-{len(configs)}-runs"):
-        mlflow.log_params({"models": ",".join(dict.fromkeys(c.model for c in configs)), "runs": len(configs)})
-        mlflow.log_param("seeds", ",".join(dict.fromkeys(str(c.seed) for c in configs)))
-        for cfg in configs:
+            start = state["epoch"] + 1 if state else 1
+            test_loader, last = fit(cfg, model, device, on_epoch, start_epoch=start, state=state)
+            summary = log_run_end(run.info.run_id, history, test_loader, last["preds"], model, device, n_params, cfg)
+            signals.check()
+        except NonFiniteLoss as e:
+            mlflow.set_tag("failure_reason", str(e))
+            raise
+        except KeyboardInterrupt:
+            mlflow.end_run("KILLED")
+            raise
+        finally:
             try:
-                summary = train(cfg)
-                results.setdefault(cfg.model, []).append(summary)
-            except KeyboardInterrupt:
-                mlflow.end_run("KILLED")
-                raise
-            except Exception as e:  # the child run is already ended FAILED; keep going
-                failed += 1
-                print(f"{cfg.model}-s{cfg.seed} failed: {type(e).__name__}: {e}")
-                mlflow.log_text(traceback.format_exc(), f"failures/{cfg.model}-s{cfg.seed}.txt")
-        for model, summaries in results.items():
-            for key in ("best_test_acc", "last3_min_test_acc"):
-                values = [s[key] for s in summaries]
-                mlflow.log_metrics({f"{model}.{key}.mean": np.mean(values), f"{model}.{key}.std": np.std(values)})
-            mlflow.log_metric(f"{model}.seeds_met_target", sum(s["target_met"] for s in summaries))
-        mlflow.log_metric("failed_runs", failed)
-    return failed
+                lease.release()
+            except Exception as e:  # the store is down: the lease expires by itself
+                log.warning(f"could not release the lease of run {run.info.run_id} ({type(e).__name__})")
+    log.info(f"run {run.info.run_id}: " + ", ".join(f"{k} {v:g}" for k, v in summary.items()))
+    return summary
