@@ -1,5 +1,7 @@
 """A real 1-epoch run on a 2,000-image subset logs everything a user compares and reloads."""
 
+import json
+
 import mlflow
 import numpy as np
 import pytest
@@ -18,7 +20,8 @@ ARTIFACTS = {
     "curves.png",
     "confusion_matrix.png",
     "misclassified.png",
-    "checkpoints/epoch_01.pt",
+    "checkpoints/epoch_001.pt",
+    "config.json",
 }  # the model itself is an MLflow 3 LoggedModel of the run: see the pyfunc test
 
 
@@ -60,6 +63,13 @@ def test_metrics_per_epoch_with_steps_and_the_summary(tracked):
     assert run.data.metrics["best_epoch"] == 1 and run.data.metrics["target_met"] == 0  # 1 epoch on 2k images
     assert 10 < run.data.metrics["test_acc"] <= 100
     assert 100 < run.data.metrics["peak_rss_mb"] < 64_000  # MB of this process (torch alone is > 100 MB)
+
+
+def test_the_config_is_logged_typed_and_reads_back(tracked):
+    client, run = tracked
+    logged = Config.from_dict(json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/config.json")))
+    assert logged == Config.from_params(run.data.params)
+    assert logged.betas == (0.9, 0.999) and logged.subset == 2000 and logged.nesterov is True
 
 
 def test_tags(tracked):
@@ -105,7 +115,7 @@ def test_logging_a_channels_last_model_warns_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     model = models.get_model("step5").to(memory_format=torch.channels_last)
-    with warnings.catch_warnings(record=True) as caught, mlflow.start_run():
+    with warnings.catch_warnings(record=True) as caught, mlflow.start_run() as run:
         warnings.simplefilter("always")
-        log_model(model, torch.device("cpu"))
+        log_model(model, torch.device("cpu"), run.info.run_id)
     assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []

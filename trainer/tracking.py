@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 import uuid
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import mlflow
@@ -41,6 +41,7 @@ from trainer.files import atomic_write
 log = logging.getLogger("trainer")
 EPOCH_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds")
 LEASE_OWNER, LEASE_EXPIRES = "lease_owner", "lease_expires"
+SLOW_STORE_SECONDS = 5  # a store write that takes longer is said on the console
 LEASE_SECONDS = float(os.environ.get("MNIST8K_LEASE_SECONDS", 60))  # a silent writer's run is free after this
 
 
@@ -182,6 +183,19 @@ def logged_history(run_id: str) -> dict[int, dict]:
     return {epoch: h for epoch, h in by_epoch.items() if "test_acc" in h}
 
 
+@contextmanager
+def said_if_slow(what: str, after: float = SLOW_STORE_SECONDS):
+    """Say so when the store takes longer than `after` seconds (MLflow retries a server for minutes)."""
+    message = f"the tracking store has not answered for {after:.0f} s ({what}): still retrying"
+    timer = threading.Timer(after, log.warning, [message])
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def commit_epoch(run_id: str, epoch: int, metrics: dict, state: dict, cfg: Config, logged: dict, tmp: Path) -> None:
     """Checkpoint file, then the tags that name it, then the metrics (each write all or nothing)."""
     payload = checkpoints.to_bytes(state, metrics, cfg)
@@ -306,12 +320,16 @@ def train(cfg: Config | None = None, resume_run_id: str | None = None, overrides
             def on_epoch(epoch, metrics, epoch_state):
                 signals.check()
                 history.append({"epoch": epoch, **metrics})
-                commit_epoch(run.info.run_id, epoch, metrics, epoch_state, cfg, logged, Path(tmp))
+                with said_if_slow(f"committing epoch {epoch}"):
+                    commit_epoch(run.info.run_id, epoch, metrics, epoch_state, cfg, logged, Path(tmp))
                 signals.check()
 
             start = state["epoch"] + 1 if state else 1
             test_loader, last = fit(cfg, model, device, on_epoch, start_epoch=start, state=state)
-            summary = log_run_end(run.info.run_id, history, test_loader, last["preds"], model, device, n_params, cfg)
+            with said_if_slow("logging figures, model and summary"):
+                summary = log_run_end(
+                    run.info.run_id, history, test_loader, last["preds"], model, device, n_params, cfg
+                )
             signals.check()
         except NonFiniteLoss as e:
             mlflow.set_tag("failure_reason", str(e))

@@ -1,0 +1,65 @@
+"""Real `trainer` processes and what they leave in a store: shared by the fault tests."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+BIN = Path(sys.executable).parent
+FAULTS = Path(__file__).parent / "faults"
+EPOCH_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")
+SMOKE = ["--model", "step5", "--subset", "1000", "--workers", "0", "--seed", "5"]
+
+
+def store_env(uri, experiment="reliability", **extra):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": experiment, **extra}
+    env.pop("MLFLOW_RUN_ID", None)
+    return env
+
+
+def trainer(*args, env, fault=None, **kwargs):
+    """A real `trainer` process (one thread: light enough to run several at once); `fault` is an
+    MNIST8K_FAULT spec for tests/faults/sitecustomize.py."""
+    env = {**env, "OMP_NUM_THREADS": "1"}
+    if fault:
+        env.update(MNIST8K_FAULT=fault, PYTHONPATH=os.pathsep.join(filter(None, [str(FAULTS), env.get("PYTHONPATH")])))
+    cmd = [str(BIN / "trainer"), *map(str, args)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def finish(proc, timeout=300) -> str:
+    return proc.communicate(timeout=timeout)[0]
+
+
+def runs_of(uri, experiment="reliability"):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, (client.search_runs([exp.experiment_id]) if exp else [])
+
+
+def per_epoch(client, run_id):
+    """{metric: [(step, value), ...]} of the per-epoch metrics, in step order (duplicates kept)."""
+    return {
+        key: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+        for key in EPOCH_KEYS
+    }
+
+
+def wait_for_tag(uri, key, value, timeout=300, experiment="reliability", exclude_finished=False):
+    """The first run whose tag `key` equals `value` (and, with exclude_finished, that has not finished)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        _, runs = runs_of(uri, experiment)
+        for run in runs:
+            if run.data.tags.get(key) == value and not (exclude_finished and run.info.status == "FINISHED"):
+                return run
+        time.sleep(0.1)
+    raise AssertionError(f"no run got {key} = {value} in {timeout} s")
+
+
+def models_of(client, run):
+    source = f"source_run_id = '{run.info.run_id}'"
+    return client.search_logged_models([run.info.experiment_id], filter_string=source)
