@@ -1,11 +1,14 @@
 """Real `trainer` processes and what they leave in a store: shared by the fault tests."""
 
 import os
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
+import requests
 from mlflow.tracking import MlflowClient
 
 BIN = Path(sys.executable).parent
@@ -63,3 +66,23 @@ def wait_for_tag(uri, key, value, timeout=300, experiment="reliability", exclude
 def models_of(client, run):
     source = f"source_run_id = '{run.info.run_id}'"
     return client.search_logged_models([run.info.experiment_id], filter_string=source)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(tmp_path, port):
+    store = ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", tmp_path / "art"]
+    cmd = [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *store]
+    server = subprocess.Popen(list(map(str, cmd)), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(240):
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
+                return server
+        except requests.ConnectionError:
+            time.sleep(0.25)
+    server.kill()
+    pytest.fail("mlflow server did not start")

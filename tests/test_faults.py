@@ -14,8 +14,19 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
-from procs import BIN, SMOKE, finish, models_of, per_epoch, runs_of, store_env, trainer, wait_for_tag
+from procs import (
+    BIN,
+    SMOKE,
+    finish,
+    free_port,
+    models_of,
+    per_epoch,
+    runs_of,
+    start_server,
+    store_env,
+    trainer,
+    wait_for_tag,
+)
 
 EPOCHS = ["--epochs", "2"]
 
@@ -194,28 +205,6 @@ def test_a_full_disk_fails_in_one_line_and_the_run_resumes_once_there_is_room(da
     proc, output = resume(run.info.run_id, env, "--data-dir", data_dir)
     assert proc.returncode == 0, output
     assert_complete(runs_of(uri)[0], run.info.run_id, reference)
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(tmp_path, port):
-    store = ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", tmp_path / "art"]
-    cmd = [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *store]
-    server = subprocess.Popen(list(map(str, cmd)), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(240):
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
-                return server
-        except requests.ConnectionError:
-            time.sleep(0.25)
-    server.kill()
-    pytest.fail("mlflow server did not start")
 
 
 def test_a_tracking_server_killed_and_restarted_mid_run(data_dir, tmp_path, reference):

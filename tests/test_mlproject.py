@@ -55,3 +55,23 @@ def test_sweep_and_report_entry_points(data_dir, tmp_path):
     assert sorted(r.info.run_name for r in runs if r.info.run_id != parent.info.run_id) == ["tiny-s1", "tiny-s2"]
     mlflow_run(uri, tmp_path, "-e", "report", "-P", f"out={tmp_path / 'results.md'}")
     assert "## Results" in (tmp_path / "results.md").read_text()
+
+
+def test_mlproject_parameters_are_config_fields_passed_to_their_options():
+    """The schema is the one declaration: every `main` parameter is a Config field passed to that field's
+    option, and every recipe field that takes a value (flags can't: MLproject parameters are strings)
+    can be set from `mlflow run -P`."""
+    import re
+    from dataclasses import fields
+
+    import yaml
+
+    from trainer.config import Config, value_type
+
+    main = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["main"]
+    by_name = {f.name: f for f in fields(Config)}
+    passed = dict(re.findall(r"--([\w-]+) \{(\w+)\}", main["command"]))
+    assert set(main["parameters"]) <= set(by_name)
+    assert all(option == param.replace("_", "-") for option, param in passed.items())
+    valued = {f.name for f in fields(Config) if f.metadata["recipe"] and value_type(f) is not bool}
+    assert valued <= set(main["parameters"])

@@ -2,51 +2,16 @@
 stores, and parallel runs into one store (sqlite and a local `mlflow server`)."""
 
 import hashlib
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-import requests
-from mlflow.tracking import MlflowClient
+from procs import SMOKE, free_port, per_epoch, runs_of, start_server, store_env, trainer
 
 from trainer.checkpoints import epoch_of
-
-BIN = Path(sys.executable).parent
-EPOCH_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")
-
-
-def trainer(*args, env, **kwargs):
-    """A real `trainer` process (one thread, no workers: light enough to run four at once)."""
-    cmd = [BIN / "trainer", *map(str, args)]
-    env = {**env, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
-
-
-def store_env(uri, experiment="reliability"):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": experiment}
-    env.pop("MLFLOW_RUN_ID", None)
-    return env
-
-
-def runs_of(uri, experiment="reliability"):
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    return client, (client.search_runs([exp.experiment_id]) if exp else [])
-
-
-def per_epoch(client, run_id):
-    return {
-        key: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
-        for key in EPOCH_KEYS
-    }
-
-
-SMOKE = ["--model", "step5", "--subset", "1000", "--workers", "0", "--seed", "5"]
 
 
 def test_sigterm_ends_the_run_killed_and_resume_matches_an_uninterrupted_run(data_dir, tmp_path):
@@ -167,32 +132,15 @@ def test_four_parallel_runs_into_one_sqlite_store(data_dir, tmp_path):
     run_four_at_once(f"sqlite:///{tmp_path / 'fresh.db'}", data_dir, tmp_path)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
     port = free_port()
-    store = ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", tmp_path / "art"]
-    cmd = [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *store]
-    server = subprocess.Popen(list(map(str, cmd)), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    uri = f"http://127.0.0.1:{port}"
+    server = start_server(tmp_path, port)
     try:
-        for _ in range(120):
-            try:
-                if requests.get(f"{uri}/health", timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not start")
-        yield uri
+        yield f"http://127.0.0.1:{port}"
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.kill()
+        server.wait()
 
 
 def test_four_parallel_runs_into_a_local_mlflow_server(data_dir, tmp_path, mlflow_server):

@@ -129,6 +129,7 @@ def ours(cfg, model, device):
 
 def bench(cfg: engine.Config, batches: int, repeats: int) -> dict:
     device = engine.resolve_device(cfg.device)
+    cfg = engine.resolve(cfg, device)
     engine.check_compiler(cfg)
     engine.seed_everything(cfg.seed)
     runs, images = {}, {}

@@ -63,7 +63,8 @@ class Config:
     # -- the run --
     seed: int = setting(1, "Seed: the same seed on the same machine gives the same per-epoch metrics.")
     device: str = setting("auto", "Where to train.", choices=DEVICES)
-    amp: bool = setting(False, "bf16 autocast (CUDA; CPUs with native bf16).")
+    amp: bool | None = setting(None, "bf16 autocast [default: on where the device has native bf16: CUDA GPUs, "
+                               "CPUs with AMX or AVX512-BF16].", legacy=False)  # fmt: skip
     compile: bool = setting(False, "torch.compile the model (needs a C++ compiler).")
     channels_last: bool = setting(True, "NHWC memory layout (faster on CPUs).", legacy=False)
     subset: int | None = setting(None, "Train and test on the first N images only (a smoke run) [default: all].", low=1,

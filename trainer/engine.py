@@ -7,13 +7,15 @@ and the tracking layer logs what it is handed.
 import ctypes
 import logging
 import os
+import platform
 import random
 import resource
 import shutil
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,6 +53,34 @@ def resolve_device(name: str) -> torch.device:
     if not available[name]:
         raise ValueError(f"device {name!r} is not available on this machine")
     return torch.device(name)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), e.g. 'AMD EPYC' or 'Intel(R) Xeon(R) Platinum 8480+'."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or "unknown"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast runs on native bf16 hardware: a CUDA GPU that supports it, or a CPU with AMX
+    or AVX512-BF16. Elsewhere bf16 is emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve(cfg: Config, device: torch.device) -> Config:
+    """The config as it will run: `amp` left to auto (None) becomes whether the device has native bf16."""
+    return replace(cfg, amp=native_bf16(device)) if cfg.amp is None else cfg
 
 
 def check_compiler(cfg: Config) -> None:
@@ -265,6 +295,7 @@ def fit(cfg: Config, model, device, on_epoch, start_epoch: int = 1, state: dict 
     """Train epochs start_epoch..cfg.epochs; after each, call on_epoch(epoch, metrics, state).
     With an EMA, the averaged weights are evaluated, and end up in `model` at the end. Returns the
     test loader and the last evaluation (a run resumed after its last epoch is evaluated once)."""
+    cfg = resolve(cfg, device)
     model.to(memory_format=memory_format(cfg))  # in place; the batches need no conversion (one channel)
     t = build_training(cfg, model, device)
     if state is not None:

@@ -35,7 +35,16 @@ from trainer import checkpoints, plots, target
 from trainer.augment import build_augment
 from trainer.config import Config
 from trainer.data import ensure_mnist, load_mnist
-from trainer.engine import NonFiniteLoss, check_compiler, fit, peak_rss_mb, resolve_device, seed_everything
+from trainer.engine import (
+    NonFiniteLoss,
+    check_compiler,
+    cpu_model,
+    fit,
+    peak_rss_mb,
+    resolve,
+    resolve_device,
+    seed_everything,
+)
 from trainer.files import atomic_write
 
 log = logging.getLogger("trainer")
@@ -243,6 +252,8 @@ def log_run_start(cfg: Config, variant, model, n_params: int, device) -> None:
             "torch_version": torch.__version__,
             "mlflow_version": mlflow.__version__,
             "subset": str(cfg.subset) if cfg.subset else "full",
+            "cpu": cpu_model(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none",
         }
     )
     summary = torchinfo.summary(model, input_size=(1, 1, 28, 28), verbose=0, device="cpu")
@@ -287,6 +298,7 @@ def train(cfg: Config | None = None, resume_run_id: str | None = None, overrides
     ensure_mnist(cfg.data_dir, log=log.info)
     variant = models.get_variant(cfg.model)
     device = resolve_device(cfg.device)
+    cfg = resolve(cfg, device)
     check_compiler(cfg)
     seed_everything(cfg.seed)
     model = variant.build(cfg.dropout)
