@@ -83,6 +83,8 @@ def test_report_pulls_every_number_from_the_runs(fake_runs, run_cli, tmp_path):
     for name in models.list_models():
         assert f"### {name}" in text
     assert "**Write-up's claim:**" in text and "no full tracked run yet" in text
+    assert "![accuracy vs parameters](frontier.png)" in text
+    assert (tmp_path / "frontier.png").read_bytes().startswith(b"\x89PNG")
     assert "Seeds with >= 99.4% in every epoch from epoch 11 on: 0/2" in text  # step5's runs have 5 epochs
 
 

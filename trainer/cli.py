@@ -279,12 +279,18 @@ def compare(experiment, filter_string, include_subset):
 @cli.command()
 @click.option("--experiment", help="Experiment name [default: MLFLOW_EXPERIMENT_NAME or mnist8k].")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write to FILE (atomically).")
-def report(experiment, out):
+@click.option(
+    "--figure",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also draw the accuracy-vs-parameters frontier to this PNG [default with --out: frontier.png beside it].",
+)
+def report(experiment, out, figure):
     """The Markdown results section, generated from the tracked runs."""
     from trainer.files import atomic_write
     from trainer.results import report as make_report
 
-    text = make_report(experiment)
+    figure = figure or (out.parent / "frontier.png" if out else None)
+    text = make_report(experiment, figure)
     if out:
         atomic_write(out, text.encode())
         click.echo(f"wrote {out}")

@@ -5,6 +5,7 @@ Only finished full-data runs count as results; `--subset` smoke runs are tagged 
 
 from dataclasses import dataclass, fields
 from functools import cache
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -189,8 +190,25 @@ def claim_verdict(check: tuple[int, int, float], seeds: dict[int, Result]) -> st
     )
 
 
-def report(experiment: str | None = None) -> str:
-    """The Markdown results section, every number pulled from the tracked runs."""
+def frontier_figure(table: dict[str, dict[int, Result]], path) -> None:
+    """The zoo's accuracy-vs-parameters picture (PNG), from the same runs as the report."""
+    from trainer import plots
+
+    points, claims = [], []
+    for name, seeds in table.items():
+        last = [np.mean(r.test_acc[-target.LAST_EPOCHS :]) for r in seeds.values()]
+        points.append((name, current_params(name), float(np.mean(last)), min(last), max(last)))
+        check = models.get_variant(name).claim_check
+        if check:
+            claims.append((name, current_params(name), check[2]))
+    fig = plots.frontier(points, claims)
+    fig.savefig(path, dpi=120)
+    plots.plt.close(fig)
+
+
+def report(experiment: str | None = None, figure=None) -> str:
+    """The Markdown results section, every number pulled from the tracked runs; with `figure` (a PNG
+    path) also the accuracy-vs-parameters frontier, linked from the text."""
     table = latest_per_seed([load(run) for run in search(experiment) if follows_recipe(run)])
     names = models.list_models()
     summary_rows = []
@@ -220,6 +238,15 @@ def report(experiment: str | None = None) -> str:
         markdown_table(header, summary_rows),
         "",
     ]
+    if figure:
+        frontier_figure(table, figure)
+        parts += [
+            f"![accuracy vs parameters]({Path(figure).name})",
+            "",
+            f"Each variant: mean (dot) and range (bar) over seeds of the mean test accuracy of its last "
+            f"{target.LAST_EPOCHS} epochs; crosses: the write-ups' claims (their minimum over the claimed epochs).",
+            "",
+        ]
     parts += [variant_section(name, table.get(name, {})) for name in names]
     return "\n".join(parts)
 
