@@ -6,6 +6,7 @@ Defaults: the local sqlite file `mlflow.db` (artifacts in `mlruns/` beside it) a
 
 import fcntl
 import importlib
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -79,11 +80,21 @@ def lock(uri: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+class NoTraceback(logging.Filter):
+    """MLflow logs a store error with its traceback; we report store errors in one line ourselves."""
+
+    def filter(self, record):
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
 def setup() -> str:
     """Check the store, point MLflow at it and make the experiment exist; returns the tracking URI.
     Any failure (a file that is not a database, a truncated one, a server that refuses) is one line."""
     import mlflow
 
+    for handler in logging.getLogger("mlflow").handlers:
+        handler.addFilter(NoTraceback())
     uri = tracking_uri()
     check(uri)
     mlflow.set_tracking_uri(uri)

@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -74,11 +75,19 @@ class Signals:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             self.previous = {s: signal.signal(s, self.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+            self.unraisable, sys.unraisablehook = sys.unraisablehook, self.dropped
         return self
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        if self.previous:
+            sys.unraisablehook = self.unraisable
+
+    def dropped(self, unraisable):
+        """Python's report of an exception it had to drop: ours is remembered (`check`), not printed."""
+        if not isinstance(unraisable.exc_value, Interrupted):
+            self.unraisable(unraisable)
 
     def handler(self, signum, frame):
         self.received = signum
@@ -296,63 +305,78 @@ def train(cfg: Config | None = None, resume_run_id: str | None = None, overrides
     if resume_run_id:
         cfg, state, logged = resume_point(resume_run_id, overrides or {})
     ensure_mnist(cfg.data_dir, log=log.info)
-    variant = models.get_variant(cfg.model)
     device = resolve_device(cfg.device)
     cfg = resolve(cfg, device)
     check_compiler(cfg)
-    seed_everything(cfg.seed)
-    model = variant.build(cfg.dropout)
-    n_params = models.num_params(model)
-    history = [logged[e] for e in sorted(logged) if state and e <= state["epoch"]]
-    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+    with ExitStack() as stack:
         project_run = os.environ.pop("MLFLOW_RUN_ID", None)
         if project_run and not mlflow.active_run():  # `mlflow run`: the -P values' run; training is its child
             stack.enter_context(mlflow.start_run(run_id=project_run))
-        nested = mlflow.active_run() is not None
         if resume_run_id:
             lease = Lease(resume_run_id)
             lease.acquire()
         name = None if resume_run_id else f"{cfg.model}-s{cfg.seed}"
-        run = stack.enter_context(mlflow.start_run(run_id=resume_run_id, run_name=name, nested=nested))
+        run_id = mlflow.start_run(
+            run_id=resume_run_id, run_name=name, nested=mlflow.active_run() is not None
+        ).info.run_id
         if not resume_run_id:
-            lease = Lease(run.info.run_id)
+            lease = Lease(run_id)
             lease.acquire()
-        signals = stack.enter_context(Signals())
-        try:
-            if state:
-                model.load_state_dict(state["model"])
-                if state["epoch"] not in logged:  # died between the checkpoint's tags and its metrics
-                    mlflow.log_metrics(state["metrics"], step=state["epoch"])
-                    history.append({"epoch": state["epoch"], **state["metrics"]})
-                log.info(f"resuming run {run.info.run_id} after epoch {state['epoch']}")
-            else:
-                log_run_start(cfg, variant, model, n_params, device)
-            model.to(device)
-
-            def on_epoch(epoch, metrics, epoch_state):
-                signals.check()
-                history.append({"epoch": epoch, **metrics})
-                with said_if_slow(f"committing epoch {epoch}"):
-                    commit_epoch(run.info.run_id, epoch, metrics, epoch_state, cfg, logged, Path(tmp))
-                signals.check()
-
-            start = state["epoch"] + 1 if state else 1
-            test_loader, last = fit(cfg, model, device, on_epoch, start_epoch=start, state=state)
-            with said_if_slow("logging figures, model and summary"):
-                summary = log_run_end(
-                    run.info.run_id, history, test_loader, last["preds"], model, device, n_params, cfg
-                )
-            signals.check()
-        except NonFiniteLoss as e:
-            mlflow.set_tag("failure_reason", str(e))
-            raise
-        except KeyboardInterrupt:
-            mlflow.end_run("KILLED")
-            raise
-        finally:
+        status = "FAILED"
+        with Signals() as signals:
             try:
-                lease.release()
-            except Exception as e:  # the store is down: the lease expires by itself
-                log.warning(f"could not release the lease of run {run.info.run_id} ({type(e).__name__})")
-    log.info(f"run {run.info.run_id}: " + ", ".join(f"{k} {v:g}" for k, v in summary.items()))
+                summary = run_epochs(run_id, cfg, device, state, logged, signals)
+                status = "FINISHED"
+            except KeyboardInterrupt:
+                status = "KILLED"
+                raise
+            except NonFiniteLoss as e:
+                mlflow.set_tag("failure_reason", str(e))
+                raise
+            finally:
+                close(run_id, lease, status)
+    log.info(f"run {run_id}: " + ", ".join(f"{k} {v:g}" for k, v in summary.items()))
     return summary
+
+
+def run_epochs(run_id: str, cfg: Config, device, state: dict | None, logged: dict, signals: Signals) -> dict:
+    """The run's body: its start (or the resumed state), its epochs, each committed, and its end."""
+    variant = models.get_variant(cfg.model)
+    seed_everything(cfg.seed)
+    model = variant.build(cfg.dropout)
+    n_params = models.num_params(model)
+    history = [logged[e] for e in sorted(logged) if state and e <= state["epoch"]]
+    if state:
+        model.load_state_dict(state["model"])
+        if state["epoch"] not in logged:  # died between the checkpoint's tags and its metrics
+            mlflow.log_metrics(state["metrics"], step=state["epoch"])
+            history.append({"epoch": state["epoch"], **state["metrics"]})
+        log.info(f"resuming run {run_id} after epoch {state['epoch']}")
+    else:
+        log_run_start(cfg, variant, model, n_params, device)
+    model.to(device)
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def on_epoch(epoch, metrics, epoch_state):
+            signals.check()
+            history.append({"epoch": epoch, **metrics})
+            with said_if_slow(f"committing epoch {epoch}"):
+                commit_epoch(run_id, epoch, metrics, epoch_state, cfg, logged, Path(tmp))
+            signals.check()
+
+        start = state["epoch"] + 1 if state else 1
+        test_loader, last = fit(cfg, model, device, on_epoch, start_epoch=start, state=state)
+    with said_if_slow("logging figures, model and summary"):
+        summary = log_run_end(run_id, history, test_loader, last["preds"], model, device, n_params, cfg)
+    signals.check()
+    return summary
+
+
+def close(run_id: str, lease: Lease, status: str) -> None:
+    """Release the lease and end the run with `status`; a store that fails here is a warning, so the
+    error that ended the run is the one reported."""
+    for what, step in (("release the lease of", lease.release), (f"mark {status}", lambda: mlflow.end_run(status))):
+        try:
+            step()
+        except Exception as e:  # a lease expires by itself; a run left RUNNING is resumable
+            log.warning(f"could not {what} run {run_id} ({type(e).__name__})")
