@@ -24,11 +24,10 @@ import requests
 import torch
 import torchinfo
 from mlflow.exceptions import MlflowException
-from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 import models
-from trainer import plots
+from trainer import plots, serving
 from trainer.augment import build_augment
 from trainer.data import atomic_write, load_mnist
 from trainer.engine import Config, NonFiniteLoss, check_compiler, fit, peak_rss_mb, resolve_device, seed_everything
@@ -101,11 +100,24 @@ def summarize(history: list[dict], num_params: int, epochs: int) -> dict:
 
 
 def git_commit() -> str | None:
+    """The commit of the checkout this package runs from; None unless the package's folder sits at the
+    top of a git checkout (wherever the command runs from: another repository's commit is not ours)."""
+    package = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=package, capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() if out.returncode == 0 else None
+    lines = out.stdout.split()
+    if out.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != package.parent:
+        return None
+    return lines[1]
+
+
+def run_name(cfg: Config) -> str:
+    """`<model>-s<seed>`; a --subset smoke run says so (`step5-s1-subset2048`)."""
+    return f"{cfg.model}-s{cfg.seed}" + (f"-subset{cfg.subset}" if cfg.subset else "")
 
 
 def model_summary(model) -> str:
@@ -159,25 +171,22 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def log_model(model, device) -> None:
-    model.eval()
-    example = np.zeros((2, 1, 28, 28), dtype=np.float32)
-    with torch.inference_mode():
-        out = model(torch.from_numpy(example).to(device)).float().cpu().numpy()
-    mlflow.pytorch.log_model(
-        model.cpu().to(memory_format=torch.contiguous_format),  # channels_last weights make torch.export warn
-        name="model",
-        signature=infer_signature(example, out),
-        input_example=example,
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
-    )
+def file_under(project_run_id: str, run) -> None:
+    """`mlflow run` logs its -P values (`recipe`, ...) in a run of its own before it starts `trainer`.
+    That run becomes a child of the training run, so the runs list shows one run per training: the
+    training, with the resolved params, the metrics and the model."""
+    client = MlflowClient()
+    client.set_tag(project_run_id, "mlflow.parentRunId", run.info.run_id)
+    client.set_tag(project_run_id, "mlflow.runName", f"{run.info.run_name}-mlflow-run")
+    note = f"The `mlflow run` that started {run.info.run_name}: its -P values as given (recipe = the variant's own)"
+    client.set_tag(project_run_id, "mlflow.note.content", note)
 
 
 def train(cfg: Config, resume_run_id: str | None = None) -> dict:
     """Train `cfg` inside one MLflow run (or continue `resume_run_id` from its last checkpoint).
 
-    Under `mlflow run` or `trainer sweep` the run is a child of the run already active. Returns the
-    summary metrics."""
+    Under `trainer sweep` the run is a child of the sweep's run; under `mlflow run` the project run is
+    filed under it (`file_under`). Returns the summary metrics."""
     variant = models.get_variant(cfg.model)
     device = resolve_device(cfg.device)
     check_compiler(cfg)
@@ -191,12 +200,15 @@ def train(cfg: Config, resume_run_id: str | None = None) -> dict:
         history = logged_history(resume_run_id, state["epoch"])
         print(f"resuming run {resume_run_id} after epoch {state['epoch']}")
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
-        project_run = os.environ.pop("MLFLOW_RUN_ID", None)
-        if project_run and not mlflow.active_run():  # `mlflow run`: the -P values' run; training is its child
-            stack.enter_context(mlflow.start_run(run_id=project_run))
+        project_run = os.environ.pop("MLFLOW_RUN_ID", None)  # under `mlflow run` (a sweep pops it first)
+        experiment = MlflowClient().get_run(project_run).info.experiment_id if project_run else None
         nested = mlflow.active_run() is not None
-        name = None if resume_run_id else f"{cfg.model}-s{cfg.seed}"
-        run = stack.enter_context(mlflow.start_run(run_id=resume_run_id, run_name=name, nested=nested))
+        name = None if resume_run_id else run_name(cfg)
+        run = stack.enter_context(
+            mlflow.start_run(run_id=resume_run_id, run_name=name, nested=nested, experiment_id=experiment)
+        )
+        if project_run:
+            file_under(project_run, run)
         try:
             with sigterm_as_interrupt():
                 if not resume_run_id:
@@ -213,7 +225,7 @@ def train(cfg: Config, resume_run_id: str | None = None) -> dict:
                 summary = summarize(history, n_params, cfg.epochs)
                 mlflow.log_metrics(summary)
                 log_artifacts_at_end(history, test_loader, last["preds"])
-                log_model(model, device)
+                serving.log_model(model, load_mnist(cfg.data_dir, train=False, subset=2)[0].numpy())
                 mlflow.log_metric("peak_rss_mb", peak_rss_mb())  # fit's workers have exited: counted
         except NonFiniteLoss as e:
             mlflow.set_tag("failure_reason", str(e))
@@ -227,11 +239,15 @@ def train(cfg: Config, resume_run_id: str | None = None) -> dict:
 
 def log_run_start(cfg: Config, variant, model, n_params: int, device) -> None:
     mlflow.log_params({**cfg.as_params(), "num_params": n_params, "device": str(device)})
+    commit = git_commit()
+    smoke = f"Smoke run on the first {cfg.subset} train and test images, not a result. " if cfg.subset else ""
     mlflow.set_tags(
         {
             "model": cfg.model,
             "description": variant.description,
-            "git_commit": git_commit() or "unknown",
+            "mlflow.note.content": smoke + variant.description,  # the run page's Description
+            "git_commit": commit or "none",
+            **({"mlflow.source.git.commit": commit} if commit else {}),
             "torch_version": torch.__version__,
             "mlflow_version": mlflow.__version__,
             "subset": str(cfg.subset) if cfg.subset else "full",
@@ -337,8 +353,8 @@ def sweep(configs: list[Config]) -> int:
                 raise
             except Exception as e:  # the child run is already ended FAILED; keep going
                 failed += 1
-                print(f"{cfg.model}-s{cfg.seed} failed: {type(e).__name__}: {e}")
-                mlflow.log_text(traceback.format_exc(), f"failures/{cfg.model}-s{cfg.seed}.txt")
+                print(f"{run_name(cfg)} failed: {type(e).__name__}: {e}")
+                mlflow.log_text(traceback.format_exc(), f"failures/{run_name(cfg)}.txt")
         for model, summaries in results.items():
             for key in ("best_test_acc", "last3_min_test_acc"):
                 values = [s[key] for s in summaries]
