@@ -48,7 +48,7 @@ def read_digits(path: Path) -> list[tuple[str, np.ndarray]]:
 def idx_images(path: Path, data: bytes) -> np.ndarray:
     n, rows, cols = struct.unpack(">III", data[4:16])
     if (rows, cols) != (SIZE, SIZE) or len(data) != 16 + n * rows * cols:
-        raise DigitFileError(f"{path}: an IDX file of {n} {rows}x{cols} images in {len(data)} bytes, not 28x28 digits")
+        raise DigitFileError(f"{path}: an IDX file of {n} {rows}x{cols} images in {len(data)} bytes, not 28x28")
     return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(n, SIZE, SIZE)
 
 
