@@ -33,7 +33,11 @@ def register_best(experiment: str | None = None) -> list[tuple[str, str, object]
     for variant, run in best_runs(experiment).items():
         name, run_id = registered_name(variant), run.info.run_id
         known = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-        version = known[0].version if known else mlflow.register_model(f"runs:/{run_id}/model", name).version
+        if known:
+            version = known[0].version
+        else:  # the run's model is an MLflow 3 logged model: registered by its own URI
+            (model,) = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{run_id}'")
+            version = mlflow.register_model(f"models:/{model.model_id}", name).version
         client.set_registered_model_alias(name, ALIAS, version)
         registered.append((name, str(version), run))
     return registered
