@@ -1,14 +1,20 @@
 # The two commands of the README: `make train` and `make test`. Both set up .venv first if missing.
 # `make train MODEL=step3 TRAIN_ARGS='-P seed=2 -P epochs=5'` passes MLproject parameters through.
+# `make ui` browses the runs; `make serve RUN=<run id or models:/mnist8k-step5@best>` serves a model.
+# Every mlflow command runs with .venv/bin first on PATH (its servers start `uvicorn` by name).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 MODEL ?= step5
 TRAIN_ARGS ?=
+RUN ?=
+UI_PORT ?= 5000
+SERVE_PORT ?= 5001
+MODEL_URI = $(if $(findstring :/,$(RUN)),$(RUN),runs:/$(RUN)/model)
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export MLFLOW_EXPERIMENT_NAME ?= mnist8k
 
-.PHONY: setup data train test lint bench clean
+.PHONY: setup data train ui serve test lint bench clean
 
 $(BIN)/trainer: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +29,18 @@ data: setup
 train: data
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow run . --env-manager local --experiment-name $(MLFLOW_EXPERIMENT_NAME) \
 		-P model=$(MODEL) $(TRAIN_ARGS)
+
+# One worker, and no job runner (it serves GenAI evaluation jobs: 7 more processes): 2 processes, ~0.5 GB.
+ui: setup
+	@$(BIN)/python -c "import mlflow; e = mlflow.MlflowClient().get_experiment_by_name('$(MLFLOW_EXPERIMENT_NAME)'); \
+	print('runs: http://127.0.0.1:$(UI_PORT)/#/experiments' + (f'/{e.experiment_id}/runs' if e else '') + '?workflowType=machine_learning')"
+	PATH="$(CURDIR)/$(BIN):$$PATH" MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui \
+		--backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(UI_PORT) --workers 1
+
+serve: setup
+	@test -n "$(RUN)" || { echo "usage: make serve RUN=<run id | runs:/RUN_ID/model | models:/mnist8k-step5@best>" >&2; exit 2; }
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow models serve -m "$(MODEL_URI)" --env-manager local \
+		--host 127.0.0.1 --port $(SERVE_PORT)
 
 lint: setup
 	$(BIN)/ruff check .

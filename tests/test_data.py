@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from trainer import data
+from trainer import data, files
 from trainer.data import MD5, DataError, bad_files, ensure_mnist, md5sum, raw_dir
 
 
@@ -66,9 +66,9 @@ def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
     def interrupted(fd):
         raise KeyboardInterrupt  # as if Ctrl-C arrived after the bytes, before the rename
 
-    monkeypatch.setattr(data.os, "fsync", interrupted)
+    monkeypatch.setattr(files.os, "fsync", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        data.atomic_write(tmp_path / "file", b"payload")
+        files.atomic_write(tmp_path / "file", b"payload")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import requests
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,19 +30,58 @@ def mlflow_run(uri, cwd, *args):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def test_mlflow_run_trains_and_tracks(data_dir, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+@pytest.fixture(scope="module")
+def project(data_dir, tmp_path_factory):
+    """`mlflow run . -P model=step5 -P epochs=1 -P subset=500` into a fresh store; returns its URI."""
+    tmp = tmp_path_factory.mktemp("project")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
     data = f"data_dir={Path(data_dir).resolve()}"
-    mlflow_run(uri, tmp_path, "-P", "model=step5", "-P", "epochs=1", "-P", "subset=500", "-P", data)
-    client = MlflowClient(uri)
+    mlflow_run(uri, tmp, "-P", "model=step5", "-P", "epochs=1", "-P", "subset=500", "-P", data)
+    return uri
+
+
+def test_mlflow_run_trains_and_tracks(project):
+    client = MlflowClient(project)
     runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
     by_name = {r.info.run_name: r for r in runs}
-    training = by_name["step5-s1"]
-    assert training.info.status == "FINISHED"
+    assert set(by_name) == {"step5-s1-subset500", "step5-s1-subset500-mlflow-run"}
+    training = by_name["step5-s1-subset500"]
+    assert training.info.status == "FINISHED" and "mlflow.parentRunId" not in training.data.tags
     assert training.data.params["epochs"] == "1" and training.data.params["lr"] == "0.1"  # recipe filled in
     assert "test_acc" in training.data.metrics
-    project_run = client.get_run(training.data.tags["mlflow.parentRunId"])
+    project_run = by_name["step5-s1-subset500-mlflow-run"]  # the -P values as given, filed under the training
+    assert project_run.data.tags["mlflow.parentRunId"] == training.info.run_id
     assert project_run.info.status == "FINISHED" and project_run.data.params["lr"] == "recipe"
+
+
+def test_the_ui_lists_the_training_first_with_its_metrics_and_model(project, http_server):
+    """Browser-free: the runs list the UI shows comes from the REST calls below (top-level runs, newest
+    first; children fold under their parent). The server is started as `make ui` starts it."""
+    ui = [BIN / "mlflow", "ui", "--backend-store-uri", project, "--workers", "1"]
+    with http_server(ui, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}) as url:
+        assert requests.get(url, timeout=10).ok  # the page itself
+        api = f"{url}/ajax-api/2.0/mlflow"
+        experiment = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "smoke"}).json()
+        search = {"experiment_ids": [experiment["experiment"]["experiment_id"]], "run_view_type": "ACTIVE_ONLY",
+                  "order_by": ["attributes.start_time DESC"], "max_results": 100}  # fmt: skip
+        runs = requests.post(f"{api}/runs/search", json=search).json()["runs"]
+        top = [run for run in runs if "mlflow.parentRunId" not in as_dict(run["data"]["tags"])]
+        assert [run["info"]["run_name"] for run in top] == ["step5-s1-subset500"]
+        (first,) = top
+        params, tags = as_dict(first["data"]["params"]), as_dict(first["data"]["tags"])
+        assert params["model"] == "step5" and params["lr"] == "0.1" and params["num_params"] == "7574"
+        assert {"test_acc", "best_test_acc", "last3_min_test_acc", "target_met"} <= set(
+            as_dict(first["data"]["metrics"])
+        )
+        assert tags["mlflow.note.content"].startswith("Smoke run on the first 500 train and test images")
+        (output,) = first["outputs"]["model_outputs"]
+        model = requests.get(f"{api}/logged-models/{output['model_id']}").json()["model"]["info"]
+        assert model["name"] == "model" and model["source_run_id"] == first["info"]["run_id"]
+        assert model["status"] == "LOGGED_MODEL_READY"
+
+
+def as_dict(entries: list[dict]) -> dict:
+    return {e["key"]: e.get("value") for e in entries}
 
 
 def test_sweep_and_report_entry_points(data_dir, tmp_path):
@@ -52,7 +93,8 @@ def test_sweep_and_report_entry_points(data_dir, tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert parent.data.params["models"] == "tiny" and parent.data.metrics["failed_runs"] == 0
-    assert sorted(r.info.run_name for r in runs if r.info.run_id != parent.info.run_id) == ["tiny-s1", "tiny-s2"]
+    children = sorted(r.info.run_name for r in runs if r.info.run_id != parent.info.run_id)
+    assert children == ["tiny-s1-subset300", "tiny-s2-subset300"]
     mlflow_run(uri, tmp_path, "-e", "report", "-P", f"out={tmp_path / 'results.md'}")
     assert "## Results" in (tmp_path / "results.md").read_text()
 

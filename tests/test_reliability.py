@@ -119,7 +119,7 @@ def run_four_at_once(uri, data_dir, cwd):
         assert p.returncode == 0, out
         assert "database is locked" not in out
     client, runs = runs_of(uri)
-    assert sorted(r.info.run_name for r in runs) == ["step5-s1", "step5-s2", "step5-s3", "step5-s4"]
+    assert sorted(r.info.run_name for r in runs) == [f"step5-s{seed}-subset500" for seed in (1, 2, 3, 4)]
     for run in runs:
         assert run.info.status == "FINISHED"
         assert {"model", "epochs", "lr", "num_params", "seed"} <= set(run.data.params)

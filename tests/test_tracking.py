@@ -1,6 +1,8 @@
 """A real 1-epoch run on a 2,000-image subset logs everything a user compares and reloads."""
 
 import json
+import subprocess
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -13,7 +15,7 @@ from trainer.config import Config
 PARAMS = {f for f in Config.__dataclass_fields__} | {"num_params"}
 METRICS = {"train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds"}
 SUMMARY = {"best_test_acc", "best_epoch", "best_train_acc", "last3_min_test_acc", "target_met"}
-TAGS = {"model", "description", "git_commit", "torch_version", "mlflow_version", "subset"}
+TAGS = {"model", "description", "mlflow.note.content", "git_commit", "torch_version", "mlflow_version", "subset"}
 ARTIFACTS = {
     "augment_preview.png",
     "model_summary.txt",
@@ -43,7 +45,7 @@ def tracked(data_dir, tmp_path_factory):
 
 def test_run_is_named_and_finished(tracked):
     _, run = tracked
-    assert run.info.run_name == "step5-s1" and run.info.status == "FINISHED"
+    assert run.info.run_name == "step5-s1-subset2000" and run.info.status == "FINISHED"  # a smoke run says so
 
 
 def test_every_param_of_the_resolved_config_is_logged(tracked):
@@ -76,6 +78,28 @@ def test_tags(tracked):
     _, run = tracked
     assert TAGS <= set(run.data.tags)
     assert run.data.tags["torch_version"].startswith("2.14.1")
+    description = run.data.tags["mlflow.note.content"]  # the run page's Description box
+    assert description.startswith("Smoke run on the first 2000 train and test images") and "step4 +" in description
+    assert run.data.tags["git_commit"] == (checkout_commit() or "none")
+
+
+def checkout_commit() -> str | None:
+    """HEAD of the checkout these tests run from, or None outside one."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 and (root / ".git").exists() else None
+
+
+def test_git_commit_is_the_project_checkout_even_inside_another_repository(tmp_path, monkeypatch):
+    from trainer.tracking import git_commit
+
+    other = tmp_path / "other"
+    other.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=other, check=True)
+    commit = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x"]
+    subprocess.run(commit, cwd=other, check=True)
+    monkeypatch.chdir(other)
+    assert git_commit() == checkout_commit()
 
 
 def test_artifacts(tracked):
@@ -90,20 +114,19 @@ def test_artifacts(tracked):
     assert ARTIFACTS <= set(walk())
 
 
-def test_model_reloads_through_pyfunc_and_predicts_class_scores(tracked, data_dir):
-    from trainer.data import MNIST_MEAN, MNIST_STD, load_mnist
+def test_model_reloads_through_pyfunc_and_predicts_class_probabilities(tracked, data_dir):
+    from trainer.data import load_mnist
 
     _, run = tracked
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
-    images, labels = load_mnist(data_dir, train=False, subset=2000)  # the run's test subset
-    x = ((images.numpy()[:, None] / 255.0 - MNIST_MEAN) / MNIST_STD).astype(np.float32)
-    scores = model.predict(x)
-    assert scores.shape == (2000, 10) and scores.dtype == np.float32
-    accuracy = 100 * (scores.argmax(1) == labels.numpy()).mean()
+    images, labels = load_mnist(data_dir, train=False, subset=2000)  # the run's test subset, raw uint8
+    out = model.predict(images.numpy())
+    assert out["probabilities"].shape == (2000, 10) and out["probabilities"].dtype == np.float32
+    accuracy = 100 * (out["class"] == labels.numpy()).mean()
     assert accuracy == pytest.approx(run.data.metrics["test_acc"], abs=0.051)  # it is the trained model
 
 
-def test_logging_a_channels_last_model_warns_nothing(tmp_path, monkeypatch):
+def test_logging_a_channels_last_model_warns_nothing(tmp_path, monkeypatch, data_dir):
     """Training runs channels_last; the logged copy is saved in the default layout, so saving it prints no
     torch.export warning into the user's run output."""
     import warnings
@@ -111,11 +134,12 @@ def test_logging_a_channels_last_model_warns_nothing(tmp_path, monkeypatch):
     import torch
 
     import models
-    from trainer.tracking import log_model
+    from trainer.data import load_mnist
+    from trainer.serving import log_model
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     model = models.get_model("step5").to(memory_format=torch.channels_last)
     with warnings.catch_warnings(record=True) as caught, mlflow.start_run() as run:
         warnings.simplefilter("always")
-        log_model(model, torch.device("cpu"), run.info.run_id)
+        log_model(model, load_mnist(data_dir, train=False, subset=2)[0].numpy())
     assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []

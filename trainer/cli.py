@@ -299,6 +299,56 @@ def report(experiment, out, figure):
 
 
 @cli.command()
+@click.option("--experiment", help="Experiment name [default: MLFLOW_EXPERIMENT_NAME or mnist8k].")
+def register(experiment):
+    """Register each variant's best full run as the model version models:/mnist8k-<variant>@best."""
+    from trainer.registry import ALIAS, register_best
+    from trainer.results import text_table
+
+    rows = [
+        [f"models:/{name}@{ALIAS}", version, run.info.run_name, run.info.run_id, f"{run.data.metrics['test_acc']:.2f}"]
+        for name, version, run in register_best(experiment)
+    ]
+    if not rows:
+        click.echo("no finished full-data runs to register")
+        return
+    click.echo(text_table(["model", "version", "run", "run id", "test acc"], rows))
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="A JSON list: file, class, confidence, probabilities.")
+def predict(model, files, as_json):
+    """Classify the digits in image files (PNG, JPEG, ...: any size, dark on light or light on dark) and
+    IDX files. MODEL: a run id, runs:/RUN_ID/model or models:/NAME@ALIAS (models:/mnist8k-step5@best)."""
+    import json
+    import os
+
+    import mlflow
+    import numpy as np
+
+    from trainer import serving, store
+    from trainer.predict import read_digits
+
+    digits = [digit for path in files for digit in read_digits(path)]  # a bad file fails before the model loads
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    mlflow.set_tracking_uri(store.tracking_uri())
+    pyfunc = mlflow.pyfunc.load_model(serving.model_uri(model))
+    probabilities = serving.probabilities(pyfunc, np.stack([image for _, image in digits]))
+    rows = [
+        {"file": name, "class": int(p.argmax()), "confidence": float(p.max()), "probabilities": p.tolist()}
+        for (name, _), p in zip(digits, probabilities, strict=True)
+    ]
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    width = max(len(row["file"]) for row in rows)
+    for row in rows:
+        click.echo(f"{row['file']:<{width}}  {row['class']}  ({100 * row['confidence']:.1f}%)")
+
+
+@cli.command()
 @config_options("model", "batch_size", "device", "amp", "compile", "channels_last", "subset", "workers", "data_dir")
 @click.option("--batches", type=click.IntRange(min=1), default=200, show_default=True, help="Batches for floor/plain.")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)

@@ -21,18 +21,17 @@ import tempfile
 import threading
 import time
 import uuid
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import torch
 import torchinfo
-from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 import models
-from trainer import checkpoints, plots, target
+from trainer import checkpoints, plots, serving, target
 from trainer.augment import build_augment
 from trainer.config import Config
 from trainer.data import ensure_mnist, load_mnist
@@ -179,11 +178,35 @@ def summarize(history: list[dict], num_params: int, epochs: int) -> dict:
 
 
 def git_commit() -> str | None:
+    """The commit of the checkout this package runs from; None unless the package's folder sits at the
+    top of a git checkout (wherever the command runs from: another repository's commit is not ours)."""
+    package = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=package, capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() if out.returncode == 0 else None
+    lines = out.stdout.split()
+    if out.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != package.parent:
+        return None
+    return lines[1]
+
+
+def run_name(cfg: Config) -> str:
+    """`<model>-s<seed>`; a --subset smoke run says so (`step5-s1-subset2048`)."""
+    return f"{cfg.model}-s{cfg.seed}" + (f"-subset{cfg.subset}" if cfg.subset else "")
+
+
+def file_under(project_run_id: str, run_id: str, name: str) -> None:
+    """`mlflow run` logs its -P values (`recipe`, ...) in a run of its own before it starts `trainer`.
+    That run becomes a child of the training run, so the runs list shows one run per training: the
+    training, with the resolved params, the metrics and the model."""
+    client = MlflowClient()
+    client.set_tag(project_run_id, "mlflow.parentRunId", run_id)
+    client.set_tag(project_run_id, "mlflow.runName", f"{name}-mlflow-run")
+    note = f"The `mlflow run` that started {name}: its -P values as given (recipe = the variant's own)"
+    client.set_tag(project_run_id, "mlflow.note.content", note)
 
 
 def log_figure(fig, name: str) -> None:
@@ -227,37 +250,30 @@ def commit_epoch(run_id: str, epoch: int, metrics: dict, state: dict, cfg: Confi
         mlflow.log_metrics(metrics, step=epoch)
 
 
-def log_model(model, device, run_id: str) -> None:
-    """The model, once: a model this run logged completely before it was interrupted is kept, a
-    half-logged one is deleted and logged again."""
+def log_model_once(run_id: str, model, example) -> None:
+    """The model (`serving.log_model`), once: a model this run logged completely before it was
+    interrupted is kept, a half-logged one is deleted and logged again."""
     client = MlflowClient()
-    for logged in client.search_logged_models(
-        [mlflow.get_run(run_id).info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
-    ):
+    experiment = client.get_run(run_id).info.experiment_id
+    for logged in client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'"):
         if logged.status.name == "READY":
             return
         client.delete_logged_model(logged.model_id)
-    model.eval()
-    example = np.zeros((2, 1, 28, 28), dtype=np.float32)
-    with torch.inference_mode():
-        out = model(torch.from_numpy(example).to(device)).float().cpu().numpy()
-    mlflow.pytorch.log_model(
-        model.cpu().to(memory_format=torch.contiguous_format),  # channels_last weights make torch.export warn
-        name="model",
-        signature=infer_signature(example, out),
-        input_example=example,
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
-    )
+    serving.log_model(model, example)
 
 
 def log_run_start(cfg: Config, variant, model, n_params: int, device) -> None:
+    commit = git_commit()
+    smoke = f"Smoke run on the first {cfg.subset} train and test images, not a result. " if cfg.subset else ""
     mlflow.log_params({**vars(cfg), "num_params": n_params, "device": str(device)})
     mlflow.log_text(cfg.to_json(), "config.json")
     mlflow.set_tags(
         {
             "model": cfg.model,
             "description": variant.description,
-            "git_commit": git_commit() or "unknown",
+            "mlflow.note.content": smoke + variant.description,  # the run page's Description
+            "git_commit": commit or "none",
+            **({"mlflow.source.git.commit": commit} if commit else {}),
             "torch_version": torch.__version__,
             "mlflow_version": mlflow.__version__,
             "subset": str(cfg.subset) if cfg.subset else "full",
@@ -278,7 +294,7 @@ def log_run_end(run_id: str, history: list[dict], test_loader, preds, model, dev
     log_figure(plots.curves(history), "curves.png")
     log_figure(plots.confusion_matrix(targets, preds.numpy()), "confusion_matrix.png")
     log_figure(plots.misclassified(images, targets, preds.numpy()), "misclassified.png")
-    log_model(model, device, run_id)
+    log_model_once(run_id, model, load_mnist(cfg.data_dir, train=False, subset=2)[0].numpy())
     summary = summarize(history, n_params, cfg.epochs)
     logged = MlflowClient().get_run(run_id).data.metrics
     mlflow.log_metrics({k: v for k, v in {**summary, "peak_rss_mb": peak_rss_mb()}.items() if k not in logged})
@@ -308,33 +324,32 @@ def train(cfg: Config | None = None, resume_run_id: str | None = None, overrides
     device = resolve_device(cfg.device)
     cfg = resolve(cfg, device)
     check_compiler(cfg)
-    with ExitStack() as stack:
-        project_run = os.environ.pop("MLFLOW_RUN_ID", None)
-        if project_run and not mlflow.active_run():  # `mlflow run`: the -P values' run; training is its child
-            stack.enter_context(mlflow.start_run(run_id=project_run))
-        if resume_run_id:
-            lease = Lease(resume_run_id)
-            lease.acquire()
-        name = None if resume_run_id else f"{cfg.model}-s{cfg.seed}"
-        run_id = mlflow.start_run(
-            run_id=resume_run_id, run_name=name, nested=mlflow.active_run() is not None
-        ).info.run_id
-        if not resume_run_id:
-            lease = Lease(run_id)
-            lease.acquire()
-        status = "FAILED"
-        with Signals() as signals:
-            try:
-                summary = run_epochs(run_id, cfg, device, state, logged, signals)
-                status = "FINISHED"
-            except KeyboardInterrupt:
-                status = "KILLED"
-                raise
-            except NonFiniteLoss as e:
-                mlflow.set_tag("failure_reason", str(e))
-                raise
-            finally:
-                close(run_id, lease, status)
+    project_run = os.environ.pop("MLFLOW_RUN_ID", None)  # under `mlflow run` (a sweep pops it first)
+    experiment = MlflowClient().get_run(project_run).info.experiment_id if project_run else None
+    if resume_run_id:
+        lease = Lease(resume_run_id)
+        lease.acquire()
+    name = None if resume_run_id else run_name(cfg)
+    nested = mlflow.active_run() is not None
+    run_id = mlflow.start_run(run_id=resume_run_id, run_name=name, nested=nested, experiment_id=experiment).info.run_id
+    if project_run:
+        file_under(project_run, run_id, name or run_id)
+    if not resume_run_id:
+        lease = Lease(run_id)
+        lease.acquire()
+    status = "FAILED"
+    with Signals() as signals:
+        try:
+            summary = run_epochs(run_id, cfg, device, state, logged, signals)
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        except NonFiniteLoss as e:
+            mlflow.set_tag("failure_reason", str(e))
+            raise
+        finally:
+            close(run_id, lease, status)
     log.info(f"run {run_id}: " + ", ".join(f"{k} {v:g}" for k, v in summary.items()))
     return summary
 
