@@ -139,7 +139,7 @@ def test_logging_a_channels_last_model_warns_nothing(tmp_path, monkeypatch, data
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     model = models.get_model("step5").to(memory_format=torch.channels_last)
-    with warnings.catch_warnings(record=True) as caught, mlflow.start_run() as run:
+    with warnings.catch_warnings(record=True) as caught, mlflow.start_run():
         warnings.simplefilter("always")
         log_model(model, load_mnist(data_dir, train=False, subset=2)[0].numpy())
     assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []
