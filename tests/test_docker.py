@@ -33,6 +33,19 @@ import models
 
 pytestmark = pytest.mark.docker
 
+
+def engine_reachable_or_startable() -> bool:
+    """Path checks only (this runs whenever pytest collects): a client and a socket, or root and dockerd."""
+    reachable = shutil.which("docker") and (os.environ.get("DOCKER_HOST") or Path("/var/run/docker.sock").exists())
+    return bool(reachable) or (os.geteuid() == 0 and shutil.which("dockerd") is not None)
+
+
+# Without an engine and without the means to start one, the module skips in one line (a skip from a
+# fixture would print one line per test).
+if not engine_reachable_or_startable():
+    reason = "no Docker engine, and starting one needs root and dockerd (apt-get install docker.io mmdebstrap)"
+    pytest.skip(reason, allow_module_level=True)
+
 ROOT = Path(__file__).resolve().parent.parent
 STANDIN = "mnist8k-standin:bookworm"
 IMAGE = "mnist8k"  # the README's tag
@@ -118,7 +131,7 @@ def engine():
         yield
         return
     if os.geteuid() != 0 or shutil.which("dockerd") is None:
-        pytest.skip("no Docker engine answers, and starting one needs root and dockerd (apt-get install docker.io)")
+        pytest.skip("the Docker engine does not answer, and starting one needs root and dockerd")
     log = tempfile.NamedTemporaryFile("w", prefix="dockerd-", suffix=".log", delete=False)  # noqa: SIM115
     daemon = subprocess.Popen(["dockerd"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
