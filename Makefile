@@ -14,7 +14,7 @@ MODEL_URI = $(if $(findstring :/,$(RUN)),$(RUN),runs:/$(RUN)/model)
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export MLFLOW_EXPERIMENT_NAME ?= mnist8k
 
-.PHONY: setup data train ui serve test lint bench clean
+.PHONY: setup data train ui serve test test-docker lint bench clean
 
 $(BIN)/trainer: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ lint: setup
 
 test: lint data
 	$(BIN)/pytest
+
+# The Docker image built (on a stand-in base) and run as the README says: needs a Docker engine, or root
+# and docker.io + mmdebstrap installed (the suite then starts dockerd and stops it); see tests/test_docker.py.
+test-docker: setup
+	$(BIN)/pytest -m docker tests/test_docker.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,6 +1,6 @@
 """Packaging: the Dockerfile lints clean and agrees with the pins and the CLI, the Docker build context
-leaves local state out, and conda.yaml / MLproject agree with pyproject.toml. No image is built here
-(no Docker engine in CI) and nothing trains."""
+leaves local state out, and conda.yaml / MLproject agree with pyproject.toml. Nothing is built and
+nothing trains here: tests/test_docker.py builds the image and runs it (`make test-docker`)."""
 
 import fnmatch
 import json
@@ -126,11 +126,24 @@ def test_conda_python_is_311_and_allowed_by_requires_python():
 # (c) the image can run the pinned torch wheel
 
 
-def test_base_image_is_an_nvidia_cuda_runtime_whose_major_matches_torchs():
-    (*_, base) = args_of("FROM")
-    runtime_tag = r"(?:nvcr\.io/)?nvidia/cuda:(\d+)\.\d+\.\d+-(?:cudnn\d*-)?runtime-ubuntu\d+\.\d+"
-    tag = re.fullmatch(runtime_tag, base.split()[0])
-    assert tag, f"FROM {base}: expected an nvidia/cuda runtime image pinned by its full version tag"
+def base_image() -> str:
+    """The default of `ARG BASE_IMAGE`, which the first stage builds on."""
+    (base, *_) = args_of("FROM")
+    assert base.split()[0] == "${BASE_IMAGE}", f"FROM {base}: expected FROM ${{BASE_IMAGE}} (tests build on a stand-in)"
+    defaults = [a.split("=", 1)[1] for kw, a in instructions() if kw == "ARG" and a.startswith("BASE_IMAGE=")]
+    assert defaults, "no ARG BASE_IMAGE=<default>"
+    return defaults[0]
+
+
+# The python3 of the Ubuntu releases a base image may be built on (Ubuntu's own package versions).
+UBUNTU_PYTHON3 = {"22.04": "3.10", "24.04": "3.12"}
+
+
+def test_base_image_is_the_nvidia_cuda_base_flavour_whose_major_matches_torchs():
+    """`base`, the smallest flavour: the torch wheel brings its own CUDA libraries (see the Dockerfile)."""
+    base_tag = r"(?:nvcr\.io/)?nvidia/cuda:(\d+)\.\d+\.\d+-base-ubuntu\d+\.\d+"
+    tag = re.fullmatch(base_tag, base_image())
+    assert tag, f"BASE_IMAGE={base_image()}: expected an nvidia/cuda base image pinned by its full version tag"
 
     import torch
 
@@ -139,19 +152,42 @@ def test_base_image_is_an_nvidia_cuda_runtime_whose_major_matches_torchs():
     assert tag[1] == torch.version.cuda.split(".")[0], f"base image CUDA {tag[1]} vs torch CUDA {torch.version.cuda}"
 
 
-def test_image_python_is_allowed_by_requires_python():
-    venvs = [m for args in args_of("RUN") for m in re.findall(r"python3\.(\d+) -m venv", args)]
-    assert venvs, "no `python3.X -m venv` in the Dockerfile"
-    assert all(SpecifierSet(PYPROJECT["project"]["requires-python"]).contains(f"3.{minor}") for minor in venvs)
+def test_image_python_is_the_bases_python3_and_allowed_by_requires_python():
+    """The distribution's `python3` (3.12 on the default base; the stand-in's 3.11 is checked by
+    test_docker), and nothing lets pip install the project past requires-python."""
+    assert any("python3 -m venv /opt/venv" in args for args in args_of("RUN"))
+    assert "--ignore-requires-python" not in DOCKERFILE.read_text()
+    ubuntu = re.search(r"ubuntu(\d+\.\d+)$", base_image())[1]
+    assert ubuntu in UBUNTU_PYTHON3, f"which python3 does Ubuntu {ubuntu} have? add it to UBUNTU_PYTHON3"
+    assert SpecifierSet(PYPROJECT["project"]["requires-python"]).contains(UBUNTU_PYTHON3[ubuntu])
 
 
-def test_dependencies_come_from_pyproject_in_a_layer_before_the_source():
+def test_layers_are_dependencies_then_data_then_source():
+    """Only a change to the pins reinstalls the dependencies (they are read from pyproject.toml in a
+    stage of their own); editing trainer/ or models/ rebuilds neither the dependencies nor the data."""
     steps = instructions()
-    copy_pyproject = next(i for i, (kw, args) in enumerate(steps) if kw == "COPY" and "pyproject.toml" in args)
-    install_deps = next(i for i, (kw, args) in enumerate(steps) if kw == "RUN" and "tomllib" in args)
-    copy_source = next(i for i, (kw, args) in enumerate(steps) if kw == "COPY" and "trainer/" in args)
-    assert copy_pyproject < install_deps < copy_source
-    assert "--no-cache-dir" in steps[install_deps][1]
+
+    def first(keyword, test):
+        return next(i for i, (kw, args) in enumerate(steps) if kw == keyword and test(args))
+
+    read_pins = first("RUN", lambda args: "tomllib" in args)
+    copy_pins = first("COPY", lambda args: args.startswith("--from=pins "))
+    install_deps = first("RUN", lambda args: "pip install --no-cache-dir -r" in args)
+    copy_data_code = first("COPY", lambda args: args.split()[0] == "trainer/data.py")
+    fetch_data = first("RUN", lambda args: "ensure_mnist" in args)
+    copy_source = first("COPY", lambda args: args.split()[0] == "trainer/")
+    assert read_pins < copy_pins < install_deps < copy_data_code < fetch_data < copy_source
+    assert steps[read_pins - 1] == ("COPY", "pyproject.toml /tmp/")
+
+
+def test_nothing_phones_home_and_any_uid_has_a_home():
+    """Telemetry and update checks off, GitPython quiet without git, HOME/USER for `--user <any uid>`."""
+    values = env()
+    assert values["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    assert values["DO_NOT_TRACK"] == "true"
+    assert values["NO_ALBUMENTATIONS_UPDATE"] == "1"
+    assert values["GIT_PYTHON_REFRESH"] == "quiet"
+    assert values["HOME"].startswith("/home/") and values["USER"]
 
 
 # (d) the build context
@@ -168,7 +204,8 @@ def test_dockerignore_keeps_local_state_out_of_the_context(path):
 
 
 def test_dockerignore_keeps_what_the_dockerfile_copies():
-    sources = [src.rstrip("/") for args in args_of("COPY") for src in args.split()[:-1] if not src.startswith("--")]
+    from_context = [args.split()[:-1] for args in args_of("COPY") if not args.startswith("--from=")]
+    sources = [src.rstrip("/") for args in from_context for src in args]
     assert sources, "the Dockerfile copies nothing"
     for src in sources:
         assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
@@ -204,8 +241,8 @@ def test_artifacts_of_the_sqlite_store_land_in_the_volume_too():
 def test_baked_mnist_is_where_the_cli_looks():
     from trainer.data import DATA_DIR_ENV
 
-    baked = [m for args in args_of("RUN") for m in re.findall(r"trainer data --data-dir (\S+)", args)]
-    assert baked, "MNIST is not fetched at build time with `trainer data --data-dir ...`"
+    baked = [m for args in args_of("RUN") for m in re.findall(r"ensure_mnist\('([^']+)'\)", args)]
+    assert baked, "MNIST is not fetched at build time with `ensure_mnist('<dir>')`"
     assert env()[DATA_DIR_ENV] == baked[0]
 
 
