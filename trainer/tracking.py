@@ -55,10 +55,10 @@ LEASE_SECONDS = float(os.environ.get("MNIST8K_LEASE_SECONDS", 60))  # a silent w
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM, raised like Ctrl-C so that both end the run KILLED."""
+    """SIGINT or SIGTERM (or a scheduler's stop), raised like Ctrl-C so that each ends the run KILLED."""
 
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
+    def __init__(self, signum: int = signal.SIGINT, why: str | None = None):
+        super().__init__(why or signal.Signals(signum).name)
         self.signum = signum
 
 
@@ -313,10 +313,19 @@ def resume_point(run_id: str, overrides: dict) -> tuple[Config, dict, dict]:
     return cfg, state, logged_history(run_id)
 
 
-def train(cfg: Config | None = None, resume_run_id: str | None = None, overrides: dict | None = None) -> dict:
+def train(
+    cfg: Config | None = None,
+    resume_run_id: str | None = None,
+    overrides: dict | None = None,
+    on_epoch=None,
+    tags: dict | None = None,
+    wait_for_lease: bool = False,
+) -> dict:
     """Train `cfg` in a new MLflow run, or continue `resume_run_id` from its newest good checkpoint
-    (its own config, with `overrides` such as data_dir on top). Under `mlflow run` or a sweep the run
-    is a child of the run already active. Returns the summary metrics."""
+    (its own config, with `overrides` such as data_dir on top). Under `mlflow run` the run is filed
+    above the project run; a sweep's trial passes its parent and key in `tags`, gets every committed
+    epoch's metrics through `on_epoch(epoch, metrics)` and, resuming, waits for a dead writer's lease
+    to expire (`wait_for_lease`). Returns the summary metrics."""
     state, logged = None, {}
     if resume_run_id:
         cfg, state, logged = resume_point(resume_run_id, overrides or {})
@@ -328,10 +337,17 @@ def train(cfg: Config | None = None, resume_run_id: str | None = None, overrides
     experiment = MlflowClient().get_run(project_run).info.experiment_id if project_run else None
     if resume_run_id:
         lease = Lease(resume_run_id)
-        lease.acquire()
+        lease.acquire(wait=wait_for_lease)
     name = None if resume_run_id else run_name(cfg)
     nested = mlflow.active_run() is not None
-    run_id = mlflow.start_run(run_id=resume_run_id, run_name=name, nested=nested, experiment_id=experiment).info.run_id
+    run = mlflow.start_run(
+        run_id=resume_run_id,
+        run_name=name,
+        nested=nested,
+        experiment_id=experiment,
+        tags=None if resume_run_id else tags,
+    )
+    run_id = run.info.run_id
     if project_run:
         file_under(project_run, run_id, name or run_id)
     if not resume_run_id:
@@ -340,7 +356,7 @@ def train(cfg: Config | None = None, resume_run_id: str | None = None, overrides
     status = "FAILED"
     with Signals() as signals:
         try:
-            summary = run_epochs(run_id, cfg, device, state, logged, signals)
+            summary = run_epochs(run_id, cfg, device, state, logged, signals, on_epoch)
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
@@ -354,8 +370,9 @@ def train(cfg: Config | None = None, resume_run_id: str | None = None, overrides
     return summary
 
 
-def run_epochs(run_id: str, cfg: Config, device, state: dict | None, logged: dict, signals: Signals) -> dict:
-    """The run's body: its start (or the resumed state), its epochs, each committed, and its end."""
+def run_epochs(run_id: str, cfg: Config, device, state: dict | None, logged: dict, signals: Signals, report) -> dict:
+    """The run's body: its start (or the resumed state), its epochs, each committed (and handed to
+    `report`, where given), and its end."""
     variant = models.get_variant(cfg.model)
     seed_everything(cfg.seed)
     model = variant.build(cfg.dropout)
@@ -378,6 +395,8 @@ def run_epochs(run_id: str, cfg: Config, device, state: dict | None, logged: dic
             with said_if_slow(f"committing epoch {epoch}"):
                 commit_epoch(run_id, epoch, metrics, epoch_state, cfg, logged, Path(tmp))
             signals.check()
+            if report is not None:
+                report(epoch, metrics)
 
         start = state["epoch"] + 1 if state else 1
         test_loader, last = fit(cfg, model, device, on_epoch, start_epoch=start, state=state)
