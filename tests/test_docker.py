@@ -249,7 +249,7 @@ def assert_finished_training(store: Store, epochs: int = 2) -> str:
     ((run_id, status),) = store.runs()
     assert status == "FINISHED"
     assert store.steps(run_id, "test_acc") == list(range(1, epochs + 1))
-    assert store.checkpoints(run_id) == [f"epoch_{e:02d}.pt" for e in range(1, epochs + 1)]
+    assert store.checkpoints(run_id) == [f"epoch_{e:03d}.pt" for e in range(1, epochs + 1)]
     assert "MLmodel" in store.model_files(run_id)
     return run_id
 
@@ -347,7 +347,7 @@ def test_docker_stop_ends_the_run_killed_with_its_checkpoint_and_resume_finishes
     ((run_id, status),) = store.runs()
     assert status == "KILLED"
     stopped_at = store.checkpoints(run_id)
-    assert stopped_at and stopped_at[-1] != "epoch_03.pt"
+    assert stopped_at and stopped_at[-1] != "epoch_003.pt"
     user1000.sh(here(readme("resume")).replace("RUN_ID", run_id))
     assert assert_finished_training(Store(db), epochs=3) == run_id
 
@@ -382,7 +382,7 @@ def test_readme_tracking_server_recipe_logs_a_containers_run_to_the_host(image, 
     ((run_id, status),) = store.runs()
     assert status == "FINISHED"
     assert store.steps(run_id, "test_acc") == [1, 2]
-    assert len(list((user1000.home / "mlartifacts").rglob("checkpoints/epoch_02.pt"))) == 1
+    assert len(list((user1000.home / "mlartifacts").rglob("checkpoints/epoch_002.pt"))) == 1
 
 
 def test_readme_ui_container_answers_with_the_runs(trained):
