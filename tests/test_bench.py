@@ -21,4 +21,4 @@ def test_bench_tiny_mode_prints_the_table_and_writes_json(run_cli, data_dir, tmp
     assert rows["floor_train"]["images"] == 3 * batch and "ours / floor_train" in result.output
     assert data["ours_over_plain"] == rows["ours"]["images_per_s"] / rows["plain"]["images_per_s"]
     assert 0 < data["eval_share_of_epoch"] < 1 and data["peak_rss_mb"] > 0
-    assert data["repeats"] == 16 and data["compile"] is data["amp"] is False
+    assert data["repeats"] == 16 and data["compile"] is False and data["amp"] in (True, False)  # amp: auto, resolved

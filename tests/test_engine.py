@@ -61,11 +61,12 @@ def fit_keeping_states(cfg):
 
 
 def test_with_an_ema_the_averaged_weights_are_evaluated_checkpointed_and_kept(data_dir):
-    model, test_loader, metrics, (state,) = fit_keeping_states(config(data_dir, ema=0.9, epochs=1))
+    cfg = engine.resolve(config(data_dir, ema=0.9, epochs=1), torch.device("cpu"))  # amp as fit resolves it
+    model, test_loader, metrics, (state,) = fit_keeping_states(cfg)
     live, averaged = state["model"]["0.weight"], state["ema"]["module.0.weight"]
     assert not torch.equal(live, averaged)  # the checkpoint keeps both, for a resume
     assert torch.equal(model.state_dict()["0.weight"], averaged)  # the model ends with the averaged weights
-    assert engine.evaluate(model, test_loader, torch.device("cpu"))["test_acc"] == metrics["test_acc"]
+    assert engine.evaluate(model, test_loader, torch.device("cpu"), cfg.amp)["test_acc"] == metrics["test_acc"]
     assert "ema" not in fit_keeping_states(config(data_dir, ema=0.0, epochs=1))[3][0]
 
 
@@ -119,3 +120,17 @@ def test_compile_trains_the_same_model_and_checkpoints_it_unwrapped(data_dir):
     assert state["model"].keys() == model.state_dict().keys() == models.get_model("step5").state_dict().keys()
     assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=0.02)  # other kernels, same training
     assert abs(compiled["test_acc"] - eager["test_acc"]) <= 1.0
+
+
+def test_the_ema_decay_warms_up():
+    """min(ema, (1 + n) / (10 + n)) after n updates: the first updates move the average most of the way."""
+    cfg = Config.for_variant(models.get_variant("step5").recipe, model="step5")
+    model = models.get_model("step5")
+    ema = engine.make_ema(cfg, model)
+    ema.update_parameters(model)  # the first update copies
+    weight = next(model.parameters())
+    with torch.no_grad():
+        weight.add_(1.0)
+    ema.update_parameters(model)  # n = 1: decay 2/11, so 9/11 of the step is taken
+    moved = next(ema.module.parameters()) - (weight - 1.0)
+    assert torch.allclose(moved, torch.full_like(moved, 9 / 11), atol=1e-6)
