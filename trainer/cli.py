@@ -13,6 +13,7 @@ from trainer.data import DATA_DIR_ENV, DEFAULT_DATA_DIR, DataError, ensure_mnist
 POSITIVE_INT = click.IntRange(min=1)
 POSITIVE_FLOAT = click.FloatRange(min=0, min_open=True)
 NON_NEGATIVE_FLOAT = click.FloatRange(min=0)
+FOLDER = click.Path(file_okay=False, path_type=Path)
 
 
 class RecipeOr(click.ParamType):
@@ -199,18 +200,73 @@ def train(model, seed, resume, **options):
 
 
 @cli.command()
-@click.option("--models", "names", required=True, callback=check_models, help="Comma-separated variants.")
+@click.option("--models", "names", callback=lambda c, p, v: check_models(c, p, v) if v else [],
+              help="Comma-separated variants.")  # fmt: skip
 @click.option("--seeds", default="1,2,3", show_default=True, callback=check_seeds, help="Comma-separated seeds.")
+@click.option(
+    "--samples",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Search: N sampled recipes per model and seed, ASHA early stopping on test_acc (0: no search).",
+)
+@click.option(
+    "--cpus-per-run",
+    type=POSITIVE_FLOAT,
+    default=1.0,
+    show_default=True,
+    help="Ray CPUs per trial: its torch threads (fractions share a core).",
+)
+@click.option(
+    "--gpus-per-run",
+    type=NON_NEGATIVE_FLOAT,
+    default=0.0,
+    show_default=True,
+    help="Ray GPUs per trial (0.25: four trials share a GPU).",
+)
+@click.option(
+    "--address", envvar="RAY_ADDRESS", help="Ray cluster to join (env RAY_ADDRESS) [default: start Ray here]."
+)
+@click.option(
+    "--max-failures",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Retries of a trial whose worker dies; each resumes from its last checkpoint.",
+)
+@click.option("--resume", metavar="SWEEP_RUN_ID", help="Finish a killed sweep: its finished trials are not re-run.")
 @train_options
-def sweep(names, seeds, **options):
-    """Train every model x seed as child runs of one parent run, which logs mean/std per model."""
+def sweep(names, seeds, samples, cpus_per_run, gpus_per_run, address, max_failures, resume, **options):
+    """Train every model x seed (or search recipes) as Ray Tune trials, child runs of one parent run."""
     from trainer import tracking
+    from trainer.sweep import new_spec
+    from trainer.sweep import sweep as run_sweep
 
     tracking.check_store()
     ensure_mnist(options["data_dir"])
-    failed = tracking.sweep([config(name, seed, options) for name in names for seed in seeds])
+    if resume:
+        failed = run_sweep(None, address, resume=resume, data_dir=options["data_dir"])
+    elif not names:
+        raise click.UsageError("give --models (or --resume SWEEP_RUN_ID)")
+    else:
+        configs = [config(name, seed, options) for name in names for seed in seeds]
+        failed = run_sweep(new_spec(configs, samples, cpus_per_run, gpus_per_run, max_failures), address)
     if failed:
-        raise click.ClickException(f"{failed} of {len(names) * len(seeds)} runs failed (see the parent run)")
+        raise click.ClickException(f"{failed} runs failed (see the sweep's parent run)")
+
+
+@cli.command()
+@click.option("--dir", "folder", default="mlflow-server", show_default=True, type=FOLDER,
+              help="Folder of the PostgreSQL cluster and the artifacts.")  # fmt: skip
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0: every one).")
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
+@click.option("--workers", type=POSITIVE_INT, default=2, show_default=True, help="mlflow server worker processes.")
+@click.option("--allowed-hosts", help="Host headers to accept, e.g. 'tracking.lan:5000' [default: localhost only].")
+def server(folder, host, port, workers, allowed_hosts):
+    """A PostgreSQL-backed MLflow tracking server with basic auth; admin: MLFLOW_TRACKING_USERNAME/_PASSWORD."""
+    from trainer.server import serve
+
+    serve(folder, host, port, workers, allowed_hosts)
 
 
 @cli.command()

@@ -12,7 +12,7 @@ import random
 import signal
 import subprocess
 import tempfile
-import traceback
+import threading
 from contextlib import ExitStack, contextmanager
 from dataclasses import fields
 from pathlib import Path
@@ -147,6 +147,9 @@ def log_checkpoint(state: dict, cfg: Config, tmpdir: Path) -> None:
 
 @contextmanager
 def sigterm_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():  # a Ray Tune trial: Ray handles its signals
+        yield
+        return
     previous = signal.getsignal(signal.SIGTERM)
 
     def handler(signum, frame):
@@ -173,11 +176,13 @@ def log_model(model, device) -> None:
     )
 
 
-def train(cfg: Config, resume_run_id: str | None = None) -> dict:
+def train(cfg: Config, resume_run_id: str | None = None, on_epoch=None, tags: dict | None = None) -> dict:
     """Train `cfg` inside one MLflow run (or continue `resume_run_id` from its last checkpoint).
 
-    Under `mlflow run` or `trainer sweep` the run is a child of the run already active. Returns the
-    summary metrics."""
+    Under `mlflow run` the run is a child of the run already active. `on_epoch(epoch, metrics)`, if
+    given, is called after each epoch is logged and checkpointed (`trainer sweep` reports to Ray Tune);
+    `tags` are set on a new run as it is created (a sweep's parent and trial key). Returns the summary
+    metrics."""
     variant = models.get_variant(cfg.model)
     device = resolve_device(cfg.device)
     check_compiler(cfg)
@@ -196,20 +201,24 @@ def train(cfg: Config, resume_run_id: str | None = None) -> dict:
             stack.enter_context(mlflow.start_run(run_id=project_run))
         nested = mlflow.active_run() is not None
         name = None if resume_run_id else f"{cfg.model}-s{cfg.seed}"
-        run = stack.enter_context(mlflow.start_run(run_id=resume_run_id, run_name=name, nested=nested))
+        run = stack.enter_context(
+            mlflow.start_run(run_id=resume_run_id, run_name=name, nested=nested, tags=None if resume_run_id else tags)
+        )
         try:
             with sigterm_as_interrupt():
                 if not resume_run_id:
                     log_run_start(cfg, variant, model, n_params, device)
                 model.to(device)
 
-                def on_epoch(epoch, metrics, state):
+                def log_epoch(epoch, metrics, state):
                     history.append({"epoch": epoch, **{k: v for k, v in metrics.items() if k != "preds"}})
                     mlflow.log_metrics({k: v for k, v in history[-1].items() if k != "epoch"}, step=epoch)
                     log_checkpoint(state, cfg, Path(tmp))
+                    if on_epoch is not None:
+                        on_epoch(epoch, history[-1])
 
                 start = state["epoch"] + 1 if state else 1
-                test_loader, last = fit(cfg, model, device, on_epoch, start_epoch=start, state=state)
+                test_loader, last = fit(cfg, model, device, log_epoch, start_epoch=start, state=state)
                 summary = summarize(history, n_params, cfg.epochs)
                 mlflow.log_metrics(summary)
                 log_artifacts_at_end(history, test_loader, last["preds"])
@@ -315,34 +324,3 @@ def check_store() -> None:
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise StoreUnreachable(f"tracking store {uri}: folder {folder} is missing or not writable")
     setup_tracking()
-
-
-def sweep(configs: list[Config]) -> int:
-    """Each config as a child run of one parent run; a failed child is recorded and the sweep goes on.
-    The parent logs, per model, mean and std over seeds and how many seeds met the target. Returns
-    the number of failed children."""
-    setup_tracking()
-    results: dict[str, list[dict]] = {}
-    failed = 0
-    project_run = os.environ.pop("MLFLOW_RUN_ID", None)  # under `mlflow run -e sweep`: the parent
-    with mlflow.start_run(run_id=project_run, run_name=None if project_run else f"sweep-{len(configs)}-runs"):
-        mlflow.log_params({"models": ",".join(dict.fromkeys(c.model for c in configs)), "runs": len(configs)})
-        mlflow.log_param("seeds", ",".join(dict.fromkeys(str(c.seed) for c in configs)))
-        for cfg in configs:
-            try:
-                summary = train(cfg)
-                results.setdefault(cfg.model, []).append(summary)
-            except KeyboardInterrupt:
-                mlflow.end_run("KILLED")
-                raise
-            except Exception as e:  # the child run is already ended FAILED; keep going
-                failed += 1
-                print(f"{cfg.model}-s{cfg.seed} failed: {type(e).__name__}: {e}")
-                mlflow.log_text(traceback.format_exc(), f"failures/{cfg.model}-s{cfg.seed}.txt")
-        for model, summaries in results.items():
-            for key in ("best_test_acc", "last3_min_test_acc"):
-                values = [s[key] for s in summaries]
-                mlflow.log_metrics({f"{model}.{key}.mean": np.mean(values), f"{model}.{key}.std": np.std(values)})
-            mlflow.log_metric(f"{model}.seeds_met_target", sum(s["target_met"] for s in summaries))
-        mlflow.log_metric("failed_runs", failed)
-    return failed
