@@ -8,7 +8,7 @@ TRAIN_ARGS ?=
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export MLFLOW_EXPERIMENT_NAME ?= mnist8k
 
-.PHONY: setup data train test lint bench clean
+.PHONY: setup data train test lint bench server clean
 
 $(BIN)/trainer: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,12 @@ lint: setup
 
 test: lint data
 	$(BIN)/pytest
+
+# PostgreSQL-backed tracking server with basic auth on 127.0.0.1:5000 (README, Scale out); needs
+# MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in the environment. `make server SERVER_ARGS='--port 5001'`.
+SERVER_ARGS ?=
+server: setup
+	$(BIN)/trainer server $(SERVER_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

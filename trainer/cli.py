@@ -325,6 +325,21 @@ def bench(model, batches, repeats, json_path, **options):
         benchmark.write_json(result, json_path)
 
 
+@cli.command("bench-sweep")
+@click.option("--model", default="step5", show_default=True, callback=check_model)
+@click.option("--runs", type=POSITIVE_INT, default=2, show_default=True, help="Runs (seeds 1..N) each way.")
+@click.option("--epochs", type=POSITIVE_INT, default=1, show_default=True)
+@click.option("--subset", type=POSITIVE_INT, help="Train/test on the first N images (a quick check).")
+@data_dir_option
+def bench_sweep(model, runs, epochs, subset, data_dir):
+    """Runs/hour of N runs one after another vs one `trainer sweep` on a local Ray, and the ratio."""
+    from trainer import sweep_bench
+
+    ensure_mnist(data_dir)
+    options = ["--epochs", str(epochs), "--data-dir", data_dir, *(["--subset", str(subset)] if subset else [])]
+    click.echo(sweep_bench.table(sweep_bench.bench_sweep(model, runs, options)))
+
+
 def main():
     cli(prog_name="trainer")
 

@@ -279,6 +279,7 @@ def fit(cfg: Config, model, device, on_epoch, start_epoch: int = 1, state: dict 
     step_model = torch.compile(model) if cfg.compile else model  # shares its parameters with `model`
     eval_model = step_model if ema is None else ema.module
     train_threads, eval_threads = compute_threads()
+    metrics = None
     for epoch in range(start_epoch, cfg.epochs + 1):
         seed_everything(cfg.seed * 1_000 + epoch)  # dropout masks depend on (seed, epoch) only
         sampler.set_epoch(epoch)
@@ -306,6 +307,9 @@ def fit(cfg: Config, model, device, on_epoch, start_epoch: int = 1, state: dict 
         if ema is not None:
             state["ema"] = ema.state_dict()
         on_epoch(epoch, metrics, state)
+    if metrics is None:  # resumed after its last epoch (killed while finishing): the figures need predictions
+        with threads(eval_threads):
+            metrics = evaluate(eval_model, test_loader, device, cfg.amp)
     if ema is not None:
         model.load_state_dict(ema.module.state_dict())  # the weights that were evaluated are the ones saved
     return test_loader, metrics

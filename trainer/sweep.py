@@ -319,8 +319,7 @@ def log_spec(spec: Spec) -> None:
     models = ",".join(dict.fromkeys(c["model"] for c in spec.configs))
     seeds = ",".join(dict.fromkeys(str(c["seed"]) for c in spec.configs))
     mlflow.log_params({"models": models, "seeds": seeds, "runs": len(spec.configs), "samples": spec.samples})
-    mlflow.log_params({"cpus_per_run": spec.cpus_per_run, "gpus_per_run": spec.gpus_per_run})
-    mlflow.log_dict(asdict(spec), SPEC_FILE)
+    mlflow.log_dict(asdict(spec), SPEC_FILE)  # and the resources; `mlflow run -e sweep` logged its -P values
 
 
 def read_spec(client: MlflowClient, run_id: str, data_dir: str | None) -> Spec:
