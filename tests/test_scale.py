@@ -232,15 +232,16 @@ def test_a_restarted_driver_trains_only_the_unfinished_trials(server, cluster, c
         finished = [r for r in children if r.info.status == "FINISHED"]
         return (finished, children) if 0 < len(finished) < 3 else None
 
-    finished, children = wait_for(some_finished, 600, "a first finished trial", proc)
+    wait_for(some_finished, 600, "a first finished trial", proc)
     proc.kill()
     proc.communicate()
-    unfinished = [r for r in children if r.info.status != "FINISHED"]
-    pids = [int(r.data.tags["ray.worker_pid"]) for r in unfinished]
     # Ray ends a dead driver's trials. (With issue 18's run lease a restart could come at once: a resumed
     # run waits out its old writer's heartbeat.)
+    pids = [int(r.data.tags["ray.worker_pid"]) for r in runs_of(client, "driver")[1]]
     wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids), 120, "the old trials' exit")
-    (parent,), _ = runs_of(client, "driver")
+    (parent,), children = runs_of(client, "driver")
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    assert 0 < len(finished) < 3
 
     restart = trainer("sweep", "--resume", parent.info.run_id, "--address", cluster["address"], env=env)
     out = restart.communicate(timeout=900)[0]

@@ -120,9 +120,9 @@ def run_trial(config: dict, context: dict) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    from trainer.data import ensure_mnist
+    from trainer.data import DATA_DIR_ENV, ensure_mnist
 
-    cfg = Config(**params)
+    cfg = Config(**{**params, "data_dir": os.environ.get(DATA_DIR_ENV) or params["data_dir"]})  # the node's own
     ensure_mnist(cfg.data_dir)
     tracking.setup_tracking()
     client = MlflowClient()
@@ -288,7 +288,9 @@ def sweep(spec: Spec | None, address: str | None, resume: str | None = None, dat
 
 
 def tune_trials(spec: Spec, todo: list[dict], parent, done_before: int) -> None:
-    context = {"env": trial_env(), "parent": parent.info.run_id, "cpus": spec.cpus_per_run}
+    experiment = MlflowClient().get_experiment(parent.info.experiment_id).name  # `mlflow run` may name it
+    env = {**trial_env(), "MLFLOW_EXPERIMENT_NAME": experiment}
+    context = {"env": env, "parent": parent.info.run_id, "cpus": spec.cpus_per_run}
     trainable = tune.with_parameters(run_trial, context=context)
     trainable = tune.with_resources(trainable, {"cpu": spec.cpus_per_run, "gpu": spec.gpus_per_run})
     scheduler = None
