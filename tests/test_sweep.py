@@ -21,7 +21,7 @@ def test_mlflow_ui_serves_the_store(tmp_path):
             try:
                 response = requests.get(f"http://127.0.0.1:{port}/health", timeout=1)
                 break
-            except requests.ConnectionError:
+            except requests.RequestException:  # refused, or too slow while it starts
                 time.sleep(0.5)
         assert response.ok
         assert requests.get(f"http://127.0.0.1:{port}/", timeout=5).ok
