@@ -10,7 +10,7 @@ storage shared between Ray's nodes:
 - `trainer sweep --resume SWEEP_RUN_ID` (a killed driver) reads the finished children from MLflow
   and trains only the rest.
 
-A search (`--samples N`) samples N recipes per model and seed from SEARCH_SPACE (seeded, so a resumed
+A search (`--samples N`) samples N recipes per model and seed from `search_space` (seeded, so a resumed
 search samples the same ones) and stops the weak ones early with ASHA on test_acc; the parent run
 links its best child. Credentials (MLFLOW_TRACKING_USERNAME/_PASSWORD) reach the trials through Ray's
 object store (`tune.with_parameters`), never through a trial's config, a runtime_env or a log.
@@ -31,11 +31,13 @@ import mlflow
 import numpy as np
 import ray
 import ray._private.ray_constants as ray_constants
+import torch
 from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from trainer import tracking
+from trainer.data import DATA_DIR_ENV, ensure_mnist
 from trainer.engine import Config, NonFiniteLoss
 
 TRIAL_TAG = "sweep.trial"
@@ -116,12 +118,8 @@ def run_trial(config: dict, context: dict) -> None:
     key, params = config["trial"]["key"], config["trial"]["params"]
     os.environ.update(context["env"])
     threads = max(1, math.floor(context["cpus"]))  # the CPUs Ray gave this trial; seeds reproduce per count
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    import torch
-
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # engine.compute_threads reads it
     torch.set_num_threads(threads)
-    from trainer.data import DATA_DIR_ENV, ensure_mnist
-
     cfg = Config(**{**params, "data_dir": os.environ.get(DATA_DIR_ENV) or params["data_dir"]})  # the node's own
     ensure_mnist(cfg.data_dir)
     tracking.setup_tracking()
@@ -281,9 +279,16 @@ def sweep(spec: Spec | None, address: str | None, resume: str | None = None, dat
             start_ray(address)
             try:
                 tune_trials(spec, todo, parent, len(trials) - len(todo))
+            except KeyboardInterrupt:
+                mlflow.end_run("KILLED")
+                raise
             finally:
                 ray.shutdown()
         failed = summarize(client, parent, spec)
+        unsettled = [k for k in spec.keys if not settled(children(client, parent).get(k, []))]
+        if unsettled:  # interrupted, or a worker died in every try: the sweep stays resumable
+            print(f"{len(unsettled)} trials unfinished: `trainer sweep --resume {parent.info.run_id}` continues")
+            mlflow.end_run("KILLED")
     return failed
 
 
