@@ -14,7 +14,7 @@ MODEL_URI = $(if $(findstring :/,$(RUN)),$(RUN),runs:/$(RUN)/model)
 export MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export MLFLOW_EXPERIMENT_NAME ?= mnist8k
 
-.PHONY: setup data train ui serve test test-docker lint bench clean
+.PHONY: setup data train ui serve test test-docker lint bench server clean
 
 $(BIN)/trainer: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,12 @@ test: lint data
 # and docker.io + mmdebstrap installed (the suite then starts dockerd and stops it); see tests/test_docker.py.
 test-docker: setup
 	$(BIN)/pytest -m docker tests/test_docker.py
+
+# PostgreSQL-backed tracking server with basic auth on 127.0.0.1:5000 (README, Scale out); needs
+# MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in the environment. `make server SERVER_ARGS='--port 5001'`.
+SERVER_ARGS ?=
+server: setup
+	$(BIN)/trainer server $(SERVER_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -239,15 +239,49 @@ def train(ctx, resume, **options):
 
 
 @cli.command()
-@click.option("--models", "names", required=True, help="Comma-separated variants.")
+@click.option("--models", "names", help="Comma-separated variants.")
 @click.option("--seeds", default="1,2,3", show_default=True, help="Comma-separated seeds.")
+@click.option(
+    "--samples",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Search: N sampled recipes per model and seed, ASHA early stopping on test_acc (0: no search).",
+)
+@click.option(
+    "--cpus-per-run",
+    type=Finite(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Ray CPUs per trial: its torch threads (fractions share a core).",
+)
+@click.option(
+    "--gpus-per-run",
+    type=Finite(min=0),
+    default=0.0,
+    show_default=True,
+    help="Ray GPUs per trial (0.25: four trials share a GPU).",
+)
+@click.option(
+    "--address", envvar="RAY_ADDRESS", help="Ray cluster to join (env RAY_ADDRESS) [default: start Ray here]."
+)
+@click.option(
+    "--max-failures",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    help="Retries of a trial whose worker dies; each resumes from its last checkpoint.",
+)
+@click.option("--resume", metavar="SWEEP_RUN_ID", help="Finish a killed sweep: its finished trials are not re-run.")
 @config_options(*[f.name for f in fields(Config) if f.name not in ("model", "seed")])
-def sweep(names, seeds, **options):
-    """Train every model x seed as child runs of one parent run, which logs mean/std per model."""
+def sweep(names, seeds, samples, cpus_per_run, gpus_per_run, address, max_failures, resume, **options):
+    """Train every model x seed (or search recipes) as Ray Tune trials, child runs of one parent run."""
     from trainer import store
+    from trainer.data import default_data_dir, ensure_mnist
+    from trainer.sweep import new_spec
     from trainer.sweep import sweep as run_sweep
 
-    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    chosen = [n.strip() for n in (names or "").split(",") if n.strip()]
     for name in chosen:
         Names("model", models.list_models()).convert(name, None, None)
     try:
@@ -255,10 +289,31 @@ def sweep(names, seeds, **options):
     except ValueError:
         raise click.BadParameter(f"{seeds!r} is not a comma-separated list of integers", param_hint="--seeds") from None
     store.setup()
-    configs = [resolve({**options, "model": name, "seed": seed}) for name in chosen for seed in seed_list]
-    failed = run_sweep(configs)
+    ensure_mnist(options["data_dir"] or default_data_dir(), log=log.info)
+    if resume:
+        failed = run_sweep(None, address, resume=resume, data_dir=options["data_dir"])
+    elif not chosen:
+        raise click.UsageError("give --models (or --resume SWEEP_RUN_ID)")
+    else:
+        configs = [resolve({**options, "model": name, "seed": seed}) for name in chosen for seed in seed_list]
+        failed = run_sweep(new_spec(configs, samples, cpus_per_run, gpus_per_run, max_failures), address)
     if failed:
-        raise click.ClickException(f"{failed} of {len(configs)} runs failed (see the parent run)")
+        raise click.ClickException(f"{failed} runs failed (see the sweep's parent run)")
+
+
+@cli.command()
+@click.option("--dir", "folder", default="mlflow-server", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of the PostgreSQL cluster and the artifacts.")  # fmt: skip
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0: every one).")
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="mlflow server workers.")
+@click.option("--allowed-hosts", help="Host headers to accept, e.g. 'tracking.lan:5000' [default: localhost only].")
+def server(folder, host, port, workers, allowed_hosts):
+    """A PostgreSQL-backed MLflow tracking server with basic auth; admin: MLFLOW_TRACKING_USERNAME/_PASSWORD."""
+    from trainer.server import serve
+
+    serve(folder, host, port, workers, allowed_hosts)
 
 
 @cli.command()
@@ -364,6 +419,21 @@ def bench(batches, repeats, json_path, **options):
     click.echo(benchmark.table(result))
     if json_path:
         benchmark.write_json(result, json_path)
+
+
+@cli.command("bench-sweep")
+@config_options("model", "subset", "data_dir")
+@click.option("--runs", type=click.IntRange(min=1), default=2, show_default=True, help="Runs (seeds 1..N) each way.")
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
+def bench_sweep(model, subset, data_dir, runs, epochs):
+    """Runs/hour of N runs one after another vs one `trainer sweep` on a local Ray, and the ratio."""
+    from trainer import sweep_bench
+    from trainer.data import default_data_dir, ensure_mnist
+
+    data_dir = data_dir or default_data_dir()
+    ensure_mnist(data_dir, log=log.info)
+    options = ["--epochs", str(epochs), "--data-dir", data_dir, *(["--subset", str(subset)] if subset else [])]
+    click.echo(sweep_bench.table(sweep_bench.bench_sweep(model or Config.model, runs, options)))
 
 
 def main():

@@ -104,8 +104,9 @@ def compute_threads() -> tuple[int, int]:
     cores (two compute threads sharing a core with a worker stall each other at every op); evaluation,
     with the workers idle, takes every core. Both depend on the machine alone, never on --workers, so a
     seed's metrics don't either. OMP_NUM_THREADS, where set, is used for both."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return CORES, CORES
+    if os.environ.get("OMP_NUM_THREADS"):  # read now: a Ray trial sets it from its CPUs after torch's import
+        n = int(os.environ["OMP_NUM_THREADS"])
+        return n, n
     return max(1, CORES - default_workers()), CORES
 
 
