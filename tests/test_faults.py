@@ -109,7 +109,7 @@ def test_sigterm_at_many_points_after_the_last_checkpoint_is_never_lost(data_dir
     a run it leaves unfinished is finished by --resume, complete."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = store_env(uri)
-    for delay in (0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0):
+    for delay in (0.0, 0.1, 0.25, 0.5, 1.0, 2.0):
         proc = trainer("train", *SMOKE, *EPOCHS, "--data-dir", data_dir, env=env)
         run = wait_for_tag(uri, "last_checkpoint", "checkpoints/epoch_002.pt", exclude_finished=True)
         time.sleep(delay)

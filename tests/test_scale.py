@@ -166,7 +166,7 @@ def test_a_sweep_runs_on_both_nodes_and_logs_everything_into_the_postgres_server
     assert out.count("done   step5-s") == 4 and "[0 running, 4 done, 0 stopped, 0 failed, of 4]" in out, out
 
     (parent,), children = runs_of(client, "two-nodes")
-    assert sorted(r.info.run_name for r in children) == ["step5-s1", "step5-s2", "step5-s3", "step5-s4"]
+    assert sorted(r.info.run_name for r in children) == [f"step5-s{seed}-subset1024" for seed in (1, 2, 3, 4)]
     assert len({r.data.tags["ray.node_id"] for r in children}) == 2, "the trials ran on one node only"
     for run in children:
         assert run.info.status == "FINISHED"
@@ -255,7 +255,7 @@ def test_a_restarted_driver_trains_only_the_unfinished_trials(server, cluster, c
         assert len(client.get_metric_history(run.info.run_id, "test_acc")) == 3
     _, children = runs_of(client, "driver")
     done = [r for r in children if r.info.status == "FINISHED"]
-    assert sorted(r.info.run_name for r in done) == ["step5-s1", "step5-s2", "step5-s3"]
+    assert sorted(r.info.run_name for r in done) == [f"step5-s{seed}-subset1024" for seed in (1, 2, 3)]
     for run in done:
         assert [s for s, _ in per_epoch(client, run.info.run_id)["test_acc"]] == [1, 2, 3, 4]
     parent = client.get_run(parent.info.run_id)
