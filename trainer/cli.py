@@ -345,7 +345,8 @@ def report(experiment, out, figure):
     from trainer.results import report as make_report
 
     figure = figure or (out.parent / "frontier.png" if out else None)
-    text = make_report(experiment, figure)
+    link = os.path.relpath(figure, out.parent) if figure and out else figure
+    text = make_report(experiment, figure, link)
     if out:
         atomic_write(out, text.encode())
         click.echo(f"wrote {out}")

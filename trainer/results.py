@@ -5,7 +5,6 @@ Only finished full-data runs count as results; `--subset` smoke runs are tagged 
 
 from dataclasses import dataclass, fields
 from functools import cache
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -206,9 +205,9 @@ def frontier_figure(table: dict[str, dict[int, Result]], path) -> None:
     plots.plt.close(fig)
 
 
-def report(experiment: str | None = None, figure=None) -> str:
+def report(experiment: str | None = None, figure=None, link: str | None = None) -> str:
     """The Markdown results section, every number pulled from the tracked runs; with `figure` (a PNG
-    path) also the accuracy-vs-parameters frontier, linked from the text."""
+    path) also the accuracy-vs-parameters frontier, linked from the text as `link` (default: the path)."""
     table = latest_per_seed([load(run) for run in search(experiment) if follows_recipe(run)])
     names = models.list_models()
     summary_rows = []
@@ -241,7 +240,7 @@ def report(experiment: str | None = None, figure=None) -> str:
     if figure:
         frontier_figure(table, figure)
         parts += [
-            f"![accuracy vs parameters]({Path(figure).name})",
+            f"![accuracy vs parameters]({link or figure})",
             "",
             f"Each variant: mean (dot) and range (bar) over seeds of the mean test accuracy of its last "
             f"{target.LAST_EPOCHS} epochs; crosses: the write-ups' claims (their minimum over the claimed epochs).",
