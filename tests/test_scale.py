@@ -176,7 +176,7 @@ def test_a_sweep_runs_on_both_nodes_and_logs_everything_into_the_postgres_server
         files = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"curves.png", "confusion_matrix.png", "model_summary.txt", "checkpoints"} <= files
         checkpoints = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
-        assert checkpoints == {"checkpoints/epoch_01.pt", "checkpoints/epoch_02.pt"}
+        assert checkpoints == {"checkpoints/epoch_001.pt", "checkpoints/epoch_002.pt"}
         source = f"source_run_id = '{run.info.run_id}'"
         assert client.search_logged_models([run.info.experiment_id], filter_string=source), "model not logged"
         for value in [*run.data.params.values(), *run.data.tags.values()]:
@@ -184,7 +184,7 @@ def test_a_sweep_runs_on_both_nodes_and_logs_everything_into_the_postgres_server
     accs = [r.data.metrics["best_test_acc"] for r in children]
     assert abs(parent.data.metrics["step5.best_test_acc.mean"] - sum(accs) / 4) < 1e-9
     assert parent.data.metrics["failed_runs"] == 0 and parent.info.status == "FINISHED"
-    assert any((server["folder"] / "artifacts").rglob("epoch_02.pt")), "artifacts not proxied into the server's folder"
+    assert any((server["folder"] / "artifacts").rglob("epoch_002.pt")), "artifacts not proxied into the server's folder"
     # the credentials travel in Ray's object store only: in no log, no Tune file, no output
     assert PASSWORD not in out
     for folder in cluster["temp"]:
@@ -201,7 +201,7 @@ def test_a_killed_worker_resumes_its_run_and_matches_an_uninterrupted_run(server
 
     def after_epoch_1():
         _, children = runs_of(client, "kill-worker")
-        done = [r for r in children if r.data.tags.get("last_checkpoint") == "checkpoints/epoch_01.pt"]
+        done = [r for r in children if r.data.tags.get("last_checkpoint") == "checkpoints/epoch_001.pt"]
         return done[0] if done else None
 
     run = wait_for(after_epoch_1, 600, "the trial's first checkpoint", proc)
@@ -209,7 +209,7 @@ def test_a_killed_worker_resumes_its_run_and_matches_an_uninterrupted_run(server
     os.kill(pid, signal.SIGKILL)  # mid-epoch 2 (or a later one, on a slow poll): never after the last
     logged = [s for s, _ in per_epoch(client, run.info.run_id)["test_acc"]]
     assert logged in ([1], [1, 2], [1, 2, 3]), f"the kill came after the last epoch: {logged}"
-    assert client.get_run(run.info.run_id).data.tags["last_checkpoint"] == f"checkpoints/epoch_{logged[-1]:02d}.pt"
+    assert client.get_run(run.info.run_id).data.tags["last_checkpoint"] == f"checkpoints/epoch_{logged[-1]:03d}.pt"
 
     out = proc.communicate(timeout=900)[0]
     assert proc.returncode == 0 and "retry  step5-s7" in out, out
