@@ -1,6 +1,7 @@
 """Real `trainer` processes and what they leave in a store: shared by the fault tests."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -77,12 +78,23 @@ def free_port():
 def start_server(tmp_path, port):
     store = ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", tmp_path / "art"]
     cmd = [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", *store]
-    server = subprocess.Popen(list(map(str, cmd)), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        list(map(str, cmd)), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     for _ in range(240):
         try:
             if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
                 return server
         except requests.RequestException:  # not listening yet, or too busy starting to answer
             time.sleep(0.25)
-    server.kill()
+    stop_server(server)
     pytest.fail("mlflow server did not start")
+
+
+def stop_server(server) -> None:
+    """SIGKILL the server and its workers (its process group: uvicorn and job runners are its children)."""
+    try:
+        os.killpg(server.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    server.wait()

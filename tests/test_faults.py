@@ -23,6 +23,7 @@ from procs import (
     per_epoch,
     runs_of,
     start_server,
+    stop_server,
     store_env,
     trainer,
     wait_for_tag,
@@ -222,8 +223,7 @@ def test_a_tracking_server_killed_and_restarted_mid_run(data_dir, tmp_path, refe
     try:
         proc = trainer("train", *SMOKE, *EPOCHS, "--data-dir", data_dir, env=env)
         wait_for_tag(uri, "last_checkpoint", "checkpoints/epoch_001.pt")
-        server.kill()
-        server.wait()
+        stop_server(server)
         time.sleep(8)  # epoch 2 ends while the server is down
         server = start_server(tmp_path, port)
         output = finish(proc)
@@ -232,8 +232,7 @@ def test_a_tracking_server_killed_and_restarted_mid_run(data_dir, tmp_path, refe
         client, (run,) = runs_of(uri)
         assert_complete(client, run.info.run_id, reference)
     finally:
-        server.kill()
-        server.wait()
+        stop_server(server)
 
 
 def children(pid: int) -> list[int]:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import SMOKE, free_port, per_epoch, runs_of, start_server, store_env, trainer
+from procs import SMOKE, free_port, per_epoch, runs_of, start_server, stop_server, store_env, trainer
 
 from trainer.checkpoints import epoch_of
 
@@ -139,8 +139,7 @@ def mlflow_server(tmp_path):
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        server.kill()
-        server.wait()
+        stop_server(server)
 
 
 def test_four_parallel_runs_into_a_local_mlflow_server(data_dir, tmp_path, mlflow_server):
