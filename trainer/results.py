@@ -193,13 +193,12 @@ def frontier_figure(table: dict[str, dict[int, Result]], path) -> None:
     """The zoo's accuracy-vs-parameters picture (PNG), from the same runs as the report."""
     from trainer import plots
 
-    points, claims = [], []
+    points = []
     for name, seeds in table.items():
         last = [np.mean(r.test_acc[-target.LAST_EPOCHS :]) for r in seeds.values()]
         points.append((name, current_params(name), float(np.mean(last)), min(last), max(last)))
-        check = models.get_variant(name).claim_check
-        if check:
-            claims.append((name, current_params(name), check[2]))
+    checks = {name: models.get_variant(name).claim_check for name in models.list_models()}
+    claims = [(name, current_params(name), check[2]) for name, check in checks.items() if check]
     fig = plots.frontier(points, claims)
     fig.savefig(path, dpi=120)
     plots.plt.close(fig)
