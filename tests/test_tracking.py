@@ -35,7 +35,7 @@ def tracked(data_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("store")
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}", "MLFLOW_EXPERIMENT_NAME": "tests"}
     result = CliRunner(env=env).invoke(
-        cli, ["train", "--model", "step5", "--epochs", "1", "--subset", "2000", "--data-dir", data_dir]
+        cli, ["train", "--model", "step5", "--epochs", "1", "--subset", "2000", "--no-amp", "--data-dir", data_dir]
     )
     assert result.exit_code == 0, result.output
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
