@@ -173,7 +173,7 @@ def test_layers_are_dependencies_then_data_then_source():
     read_pins = first("RUN", lambda args: "tomllib" in args)
     copy_pins = first("COPY", lambda args: args.startswith("--from=pins "))
     install_deps = first("RUN", lambda args: "pip install --no-cache-dir -r" in args)
-    copy_data_code = first("COPY", lambda args: args.split()[0] == "trainer/data.py")
+    copy_data_code = first("COPY", lambda args: "trainer/data.py" in args.split()[:-1])
     fetch_data = first("RUN", lambda args: "ensure_mnist" in args)
     copy_source = first("COPY", lambda args: args.split()[0] == "trainer/")
     assert read_pins < copy_pins < install_deps < copy_data_code < fetch_data < copy_source
