@@ -291,7 +291,7 @@ def test_a_failing_trial_is_recorded_not_retried_and_the_sweep_goes_on(server, c
     (parent,), children = runs_of(client, "failing")
     status = {r.info.run_name: r.info.status for r in children}
     failed = [r for r in children if r.info.status == "FAILED"]
-    assert set(status) == {"tiny-s1", "step3-s1"} and failed, out
+    assert set(status) == {"tiny-s1-subset300", "step3-s1-subset300"} and failed, out
     assert all("non-finite" in r.data.tags["failure_reason"] for r in failed)
     assert "retry" not in out and parent.data.metrics["failed_runs"] == len(failed)
     assert proc.returncode == 1 and f"{len(failed)} runs failed" in out.splitlines()[-1]
