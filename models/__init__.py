@@ -41,6 +41,7 @@ class Variant:
         None  # reproductions: the write-up's claim as (first, last epoch, min %)
     )
     hold_from: int | None = None  # our targets: every epoch from this one on reaches 99.4%
+    mean_target: float | None = None  # and the mean over seeds of the last-3 means reaches this (%)
 
     def build(self, dropout: float | None = None):
         return self.builder(dropout=self.recipe["dropout"] if dropout is None else dropout)
@@ -49,7 +50,14 @@ class Variant:
 _REGISTRY: dict[str, Variant] = {}
 
 
-def register(name: str, description: str, claim_check=None, hold_from: int | None = None, **recipe):
+def register(
+    name: str,
+    description: str,
+    claim_check=None,
+    hold_from: int | None = None,
+    mean_target: float | None = None,
+    **recipe,
+):
     """Register `builder(dropout=...) -> nn.Module` under `name` with its recipe overrides."""
     try:
         resolved = full_recipe(**recipe)
@@ -57,7 +65,7 @@ def register(name: str, description: str, claim_check=None, hold_from: int | Non
         raise TypeError(f"{name}: {e}") from None
 
     def deco(builder):
-        _REGISTRY[name] = Variant(name, builder, description, resolved, claim_check, hold_from)
+        _REGISTRY[name] = Variant(name, builder, description, resolved, claim_check, hold_from, mean_target)
         return builder
 
     return deco

@@ -24,6 +24,7 @@ import tempfile
 import time
 import tomllib
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,12 @@ RECIPES = {
     "mkdir": r"^mkdir -p mlruns$",
     "bridge": r"^BRIDGE=",
     "server": r"mlflow server ",
+    "ray_token": r"^export RAY_AUTH_TOKEN=",
+    "ray_head": r"--name ray-head ",
+    "ray_head_ip": r"^HEAD=",
+    "ray_worker": r"--name ray-worker ",
+    "ray_sweep": r" sweep --address ",
+    "ray_stop": r"^docker stop ray-",
     "stop": r"^docker stop ",
     "ui": r"--entrypoint mlflow .* ui ",
     "models": r" models$",
@@ -352,17 +359,19 @@ def test_docker_stop_ends_the_run_killed_with_its_checkpoint_and_resume_finishes
     assert assert_finished_training(Store(db), epochs=3) == run_id
 
 
-def test_readme_tracking_server_recipe_logs_a_containers_run_to_the_host(image, user1000):
-    """The server runs as whoever runs the tests (the checkout's .venv is theirs), in the user's folder."""
+@contextmanager
+def bridge_server(user: HostUser):
+    """The README's tracking server on the Docker bridge, started from the user's folder (its store is
+    there); yields its port."""
     bridge = readme("bridge")
     bridge_ip = subprocess.run(
         ["bash", "-c", f'{bridge}; echo "$BRIDGE"'], capture_output=True, text=True
     ).stdout.strip()
     port = free_port(bridge_ip)
-    with open(user1000.home / "server.log", "w") as log:
+    with open(user.home / "server.log", "w") as log:
         command = f"{bridge}; exec {here(readme('server'), port)}"
         server = subprocess.Popen(
-            ["bash", "-c", command], cwd=user1000.home, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            ["bash", "-c", command], cwd=user.home, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
         deadline = time.monotonic() + 120
@@ -371,18 +380,54 @@ def test_readme_tracking_server_recipe_logs_a_containers_run_to_the_host(image, 
                 urllib.request.urlopen(f"http://{bridge_ip}:{port}/health", timeout=5)
                 break
             except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, (user1000.home / "server.log").read_text()
+                assert server.poll() is None and time.monotonic() < deadline, (user.home / "server.log").read_text()
                 time.sleep(1)
-        done = user1000.sh(shortened(here(readme("remote"), port)))
+        yield port
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and its workers
         server.wait(timeout=60)
+
+
+def test_readme_tracking_server_recipe_logs_a_containers_run_to_the_host(image, user1000):
+    """The server runs as whoever runs the tests (the checkout's .venv is theirs), in the user's folder."""
+    with bridge_server(user1000) as port:
+        done = user1000.sh(shortened(here(readme("remote"), port)))
     assert warning_lines(done.stdout + done.stderr) == []
     store = Store(user1000.home / "mlflow.db")  # the server's store, in the folder it was started from
     ((run_id, status),) = store.runs()
     assert status == "FINISHED"
     assert store.steps(run_id, "test_acc") == [1, 2]
     assert len(list((user1000.home / "mlartifacts").rglob("checkpoints/epoch_002.pt"))) == 1
+
+
+def test_readme_ray_cluster_of_the_image_runs_a_sweep_logged_to_the_host(image, user1000):
+    """The README's Ray recipe: a head and a worker from the image, a sweep driven from a third container;
+    the head has no CPUs, so the trials can only have run in the worker container."""
+    with bridge_server(user1000) as port:
+        names = {"ray-head": f"ray-head-{port}", "ray-worker": f"ray-worker-{port}"}
+
+        def ours(command: str) -> str:
+            for name, unique in names.items():
+                command = command.replace(name, unique)
+            return here(command, port)
+
+        steps = ["ray_token", "ray_head", "ray_head_ip", "ray_worker"]
+        script = "; ".join(ours(readme(step)) for step in steps)
+        sweep = ours(readme("ray_sweep")) + " --subset 1024 --epochs 1"
+        try:
+            done = user1000.sh(f"set -e; {script}; {sweep}")
+        finally:
+            docker("stop", *names.values())
+    assert "Traceback" not in done.stdout + done.stderr
+    assert "2 done, 0 stopped, 0 failed, of 2" in done.stdout
+    store = Store(user1000.home / "mlflow.db")
+    runs = dict(store.runs())
+    assert sorted(runs.values()) == ["FINISHED"] * 3
+    children = [r for r in runs if store.tags(r).get("mlflow.parentRunId")]
+    assert len(children) == 2
+    assert len({store.tags(r)["ray.node_id"] for r in children}) == 1  # the worker's
+    assert all(store.steps(r, "test_acc") == [1] for r in children)
+    assert len(list((user1000.home / "mlartifacts").rglob("checkpoints/epoch_001.pt"))) == 2
 
 
 def test_readme_ui_container_answers_with_the_runs(trained):

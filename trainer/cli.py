@@ -6,6 +6,7 @@ the commands that use them, so `--help` and completion answer at once. Every use
 on stderr and a non-zero exit (`--debug` shows the traceback); Ctrl-C exits 130, SIGTERM 143.
 """
 
+import json
 import logging
 import math
 import os
@@ -339,11 +340,21 @@ def compare(experiment, filter_string, include_subset):
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also draw the accuracy-vs-parameters frontier to this PNG [default with --out: frontier.png beside it].",
 )
-def report(experiment, out, figure):
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write every epoch's test accuracy of the same runs, with their hardware, to this JSON file.",
+)
+def report(experiment, out, figure, json_out):
     """The Markdown results section, generated from the tracked runs."""
     from trainer.files import atomic_write
+    from trainer.results import per_epoch
     from trainer.results import report as make_report
 
+    if json_out:
+        atomic_write(json_out, (json.dumps(per_epoch(experiment), indent=1) + "\n").encode())
+        click.echo(f"wrote {json_out}")
     figure = figure or (out.parent / "frontier.png" if out else None)
     link = os.path.relpath(figure, out.parent) if figure and out else figure
     text = make_report(experiment, figure, link)

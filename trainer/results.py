@@ -32,6 +32,8 @@ class Result:
     test_acc: list[float]
     summary: dict
     minutes: float
+    cpu: str
+    gpu: str
 
 
 def search(experiment: str | None = None, filter_string: str = "", full_only: bool = True) -> list:
@@ -68,7 +70,18 @@ def load(run) -> Result:
         test_acc=history("test_acc"),
         summary=run.data.metrics,
         minutes=((run.info.end_time or run.info.start_time) - run.info.start_time) / 60000,
+        cpu=run.data.tags.get("cpu", "unknown"),
+        gpu=run.data.tags.get("gpu", "none"),
     )
+
+
+def hardware(r: Result) -> str:
+    return r.cpu if r.gpu == "none" else f"{r.gpu} ({r.cpu})"
+
+
+def mean_last(runs: list[Result]) -> float:
+    """The mean over runs of each run's mean test accuracy in its last epochs."""
+    return float(np.mean([np.mean(r.test_acc[-target.LAST_EPOCHS :]) for r in runs]))
 
 
 def follows_recipe(run) -> bool:
@@ -87,6 +100,11 @@ def follows_recipe(run) -> bool:
 @cache
 def current_params(name: str) -> int:
     return models.num_params(models.get_variant(name).build())
+
+
+def tracked(experiment: str | None = None) -> dict[str, dict[int, Result]]:
+    """{model: {seed: newest finished full-data run with the variant's own recipe}}: what the report shows."""
+    return latest_per_seed([load(run) for run in search(experiment) if follows_recipe(run)])
 
 
 def latest_per_seed(results: list[Result]) -> dict[str, dict[int, Result]]:
@@ -151,16 +169,26 @@ def variant_section(name: str, seeds: dict[int, Result]) -> str:
             f"< {target.PARAM_LIMIT:,} params): "
             f"{len(met)}/{len(seeds)} {met if met else ''}".rstrip(),
         ]
+        first = variant.hold_from or max(1, min(r.epochs for r in seeds.values()) - target.LAST_EPOCHS + 1)
         if variant.hold_from:
-            first = variant.hold_from
             held = [s for s, r in sorted(seeds.items()) if target.holds(r.test_acc, first)]
             lines.append(
                 f"- Seeds with >= {target.TARGET_ACC}% in every epoch from epoch {first} on: "
                 f"{len(held)}/{len(seeds)} {held if held else ''}".rstrip()
             )
+        if variant.mean_target:
+            mean = mean_last(list(seeds.values()))
+            verdict = "met" if mean >= variant.mean_target else "**not met**"
+            lines.append(
+                f"- Mean over seeds of the last-{target.LAST_EPOCHS} means: {mean:.2f}% "
+                f"(target >= {variant.mean_target:.2f}%: {verdict})"
+            )
         for seed, r in sorted(seeds.items()):
-            last5 = ", ".join(f"{a:.2f}" for a in r.test_acc[-5:])
-            lines.append(f"- seed {seed} (run `{r.run_id[:8]}`), test accuracy in the last 5 epochs: {last5}")
+            shown = r.test_acc[first - 1 :]
+            lines.append(
+                f"- seed {seed} (run `{r.run_id[:8]}`, {hardware(r)}), test accuracy in epochs "
+                f"{first}-{len(r.test_acc)}: {', '.join(f'{a:.2f}' for a in shown)}; worst {min(shown):.2f}"
+            )
         lines.append("")
     if variant.claim_check and seeds:
         lines += [claim_verdict(variant.claim_check, seeds), ""]
@@ -207,7 +235,7 @@ def frontier_figure(table: dict[str, dict[int, Result]], path) -> None:
 def report(experiment: str | None = None, figure=None, link: str | None = None) -> str:
     """The Markdown results section, every number pulled from the tracked runs; with `figure` (a PNG
     path) also the accuracy-vs-parameters frontier, linked from the text as `link` (default: the path)."""
-    table = latest_per_seed([load(run) for run in search(experiment) if follows_recipe(run)])
+    table = tracked(experiment)
     names = models.list_models()
     summary_rows = []
     for name in names:
@@ -220,7 +248,7 @@ def report(experiment: str | None = None, figure=None, link: str | None = None) 
                 name,
                 f"{np.mean([max(r.train_acc) for r in runs]):.2f}",
                 f"{np.mean([max(r.test_acc) for r in runs]):.2f}",
-                f"{np.mean([np.mean(r.test_acc[-target.LAST_EPOCHS :]) for r in runs]):.2f}",
+                f"{mean_last(runs):.2f}",
                 f"{runs[0].params:,}",
                 str(runs[0].epochs),
                 f"{sum(target_met(r) for r in runs)}/{len(runs)}",
@@ -247,6 +275,17 @@ def report(experiment: str | None = None, figure=None, link: str | None = None) 
         ]
     parts += [variant_section(name, table.get(name, {})) for name in names]
     return "\n".join(parts)
+
+
+def per_epoch(experiment: str | None = None) -> list[dict]:
+    """The report's runs as records: model, seed, hardware and every epoch's test accuracy (for
+    `trainer report --json`, which `make check-results` compares a new machine's runs with)."""
+    table = tracked(experiment)
+    return [
+        {"model": name, "seed": seed, "cpu": r.cpu, "gpu": r.gpu, "run_id": r.run_id, "test_acc": r.test_acc}
+        for name, seeds in table.items()
+        for seed, r in sorted(seeds.items())
+    ]
 
 
 def latest_target_met() -> dict[str, str]:

@@ -29,6 +29,8 @@ def describe(name: str) -> str:
     lines = [f"{name}: {variant.description}", "", f"params: {n_params:,} (limit: < {target.PARAM_LIMIT:,})"]
     if variant.hold_from:
         lines.append(f"target: >= {target.TARGET_ACC}% in every epoch from epoch {variant.hold_from} on")
+    if variant.mean_target:
+        lines.append(f"target: mean over seeds of the last-{target.LAST_EPOCHS} means >= {variant.mean_target:.2f}%")
     lines += ["", "recipe (each overridable: trainer train --model NAME --OPTION VALUE):"]
     for f in fields(Config):
         if f.metadata["recipe"]:
