@@ -100,7 +100,7 @@ def readme(name: str) -> str:
 def here(command: str, port: int | None = None) -> str:
     """What this machine lacks: a GPU, and (in tests) the README's fixed port."""
     command = command.replace("--gpus all ", "")
-    return command.replace("5000", str(port)) if port else command
+    return re.sub(r"\b5000\b", str(port), command) if port else command
 
 
 def shortened(command: str) -> str:
@@ -413,9 +413,11 @@ def test_readme_ray_cluster_of_the_image_runs_a_sweep_logged_to_the_host(image, 
 
         steps = ["ray_token", "ray_head", "ray_head_ip", "ray_worker"]
         script = "; ".join(ours(readme(step)) for step in steps)
+        status = f"docker exec {names['ray-head']} ray status 2>/dev/null | grep -c ' node_'"
+        two_nodes = f'for i in $(seq 120); do [ "$({status})" = 2 ] && break; sleep 1; done'  # as a user would wait
         sweep = ours(readme("ray_sweep")) + " --subset 1024 --epochs 1"
         try:
-            done = user1000.sh(f"set -e; {script}; {sweep}")
+            done = user1000.sh(f"set -e; {script}; {two_nodes}; {sweep}")
         finally:
             docker("stop", *names.values())
     assert "Traceback" not in done.stdout + done.stderr

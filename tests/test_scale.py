@@ -294,4 +294,17 @@ def test_a_failing_trial_is_recorded_not_retried_and_the_sweep_goes_on(server, c
     assert set(status) == {"tiny-s1-subset300", "step3-s1-subset300"} and failed, out
     assert all("non-finite" in r.data.tags["failure_reason"] for r in failed)
     assert "retry" not in out and parent.data.metrics["failed_runs"] == len(failed)
-    assert proc.returncode == 1 and f"{len(failed)} runs failed" in out.splitlines()[-1]
+    assert proc.returncode == 1 and f"{len(failed)} of the sweep's trials failed" in out.splitlines()[-1]
+
+
+def test_ctrl_c_on_the_driver_exits_130_resumable_with_nothing_called_failed(server, cluster, client, data_dir):
+    env = sweep_env(server, cluster, "interrupted")
+    args = ["--models", "step5", "--seeds", "1,2", "--subset", "1024", "--epochs", "3", "--data-dir", data_dir]
+    proc = trainer("sweep", *args, "--address", cluster["address"], env=env)
+    wait_for(lambda: runs_of(client, "interrupted")[1], 300, "a first trial's run", proc)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    (parent,), _ = runs_of(client, "interrupted")
+    assert proc.returncode == 130, out
+    assert f"`trainer sweep --resume {parent.info.run_id}`" in out and "trials failed" not in out, out
+    assert parent.info.status == "KILLED"

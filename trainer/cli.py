@@ -299,7 +299,7 @@ def sweep(names, seeds, samples, cpus_per_run, gpus_per_run, address, max_failur
         configs = [resolve({**options, "model": name, "seed": seed}) for name in chosen for seed in seed_list]
         failed = run_sweep(new_spec(configs, samples, cpus_per_run, gpus_per_run, max_failures), address)
     if failed:
-        raise click.ClickException(f"{failed} runs failed (see the sweep's parent run)")
+        raise click.ClickException(f"{failed} of the sweep's trials failed or are unfinished (see above)")
 
 
 @cli.command()

@@ -32,8 +32,8 @@ class Result:
     test_acc: list[float]
     summary: dict
     minutes: float
-    cpu: str
-    gpu: str
+    cpu: str = "unknown"
+    gpu: str = "none"
 
 
 def search(experiment: str | None = None, filter_string: str = "", full_only: bool = True) -> list:
@@ -184,10 +184,11 @@ def variant_section(name: str, seeds: dict[int, Result]) -> str:
                 f"(target >= {variant.mean_target:.2f}%: {verdict})"
             )
         for seed, r in sorted(seeds.items()):
-            shown = r.test_acc[first - 1 :]
+            start = first if len(r.test_acc) >= first else max(1, len(r.test_acc) - target.LAST_EPOCHS + 1)
+            shown = r.test_acc[start - 1 :]
             lines.append(
                 f"- seed {seed} (run `{r.run_id[:8]}`, {hardware(r)}), test accuracy in epochs "
-                f"{first}-{len(r.test_acc)}: {', '.join(f'{a:.2f}' for a in shown)}; worst {min(shown):.2f}"
+                f"{start}-{len(r.test_acc)}: {', '.join(f'{a:.2f}' for a in shown)}; worst {min(shown):.2f}"
             )
         lines.append("")
     if variant.claim_check and seeds:

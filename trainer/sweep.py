@@ -232,6 +232,8 @@ def start_ray(address: str | None) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), else start Ray on this machine, on loopback only."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # nothing phones home unasked
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables, our Progress lines only
+    # Ctrl-C raises KeyboardInterrupt here, as in `trainer train`, rather than Tune ending the run its way
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     logging.getLogger("ray.tune").setLevel(logging.WARNING)
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
@@ -261,7 +263,8 @@ def new_spec(configs: list[Config], samples: int, cpus: float, gpus: float, max_
 
 
 def sweep(spec: Spec | None, address: str | None, resume: str | None = None, data_dir: str | None = None) -> int:
-    """Run the sweep `spec` (or finish the one of the parent run `resume`); returns the failed trials."""
+    """Run the sweep `spec` (or finish the one of the parent run `resume`); returns how many trials failed
+    or are left unfinished."""
     store.setup()
     client = MlflowClient()
     project_run = os.environ.pop("MLFLOW_RUN_ID", None)  # under `mlflow run -e sweep`: the parent
@@ -283,16 +286,17 @@ def sweep(spec: Spec | None, address: str | None, resume: str | None = None, dat
             try:
                 tune_trials(spec, todo, parent, len(trials) - len(todo))
             except KeyboardInterrupt:
+                print(f"the sweep stays resumable: `trainer sweep --resume {parent.info.run_id}` finishes it")
                 mlflow.end_run("KILLED")
                 raise
             finally:
                 ray.shutdown()
         failed = summarize(client, parent, spec)
         unsettled = [k for k in spec.keys if not settled(children(client, parent).get(k, []))]
-        if unsettled:  # interrupted, or a worker died in every try: the sweep stays resumable
+        if unsettled:  # a worker died in every try: the sweep stays resumable
             print(f"{len(unsettled)} trials unfinished: `trainer sweep --resume {parent.info.run_id}` continues")
             mlflow.end_run("KILLED")
-    return failed
+    return failed + len(unsettled)
 
 
 def tune_trials(spec: Spec, todo: list[dict], parent, done_before: int) -> None:
@@ -349,9 +353,10 @@ def summarize(client: MlflowClient, parent, spec: Spec) -> int:
     """Per model: mean and std over its finished runs, seeds that met the target; for a search, the
     best run (highest last-3 minimum) as a tag and its config. Returns the failed trials."""
     found = children(client, parent)
-    finished = [r for k in spec.keys for r in found.get(k, [])[:1] if r.info.status == "FINISHED"]
-    stopped = sum(1 for k in spec.keys if found.get(k) and STOPPED_TAG in found[k][0].data.tags)
-    failed = len(spec.keys) - len(finished) - stopped
+    newest = [found[k][0] for k in spec.keys if found.get(k)]
+    finished = [r for r in newest if r.info.status == "FINISHED"]
+    stopped = sum(1 for r in newest if STOPPED_TAG in r.data.tags)
+    failed = sum(1 for r in newest if r.info.status == "FAILED")
     by_model: dict[str, list] = {}
     for run in finished:
         by_model.setdefault(run.data.params["model"], []).append(run.data.metrics)
