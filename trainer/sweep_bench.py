@@ -2,7 +2,8 @@
 run) and as one `trainer sweep` on a local Ray (one run per `--cpus-per-run` CPUs at a time); runs per
 hour of each and their ratio. Both log into a throwaway sqlite store; the runs' own numbers don't count.
 It also reports how many cores the sequential runs kept busy on average (their CPU time over their wall
-time): with C cores, no way of scheduling the same runs can be more than C / that many times faster."""
+time): with C cores and the same CPU time per run, no way of scheduling the runs can be more than
+C / that many times faster."""
 
 import os
 import resource
@@ -55,6 +56,7 @@ def table(result: dict) -> str:
     lines.append(f"ray / sequential: {per_hour['ray'] / per_hour['sequential']:.2f}")
     busy, cores = result["sequential_cores_busy"], result["cores"]
     lines.append(
-        f"sequential runs kept {busy:.2f} of {cores} cores busy: no schedule on {cores} cores beats {cores / busy:.2f}x"
+        f"sequential runs kept {busy:.2f} of {cores} cores busy: at the same CPU time per run, "
+        f"no schedule on {cores} cores beats {cores / busy:.2f}x"
     )
     return "\n".join(lines)
