@@ -70,19 +70,23 @@ def seeds_of() -> list[int]:
     return [int(s) for s in argv[argv.index("--seeds") + 1].split(",")]
 
 
-@pytest.mark.parametrize("name", swept_models())
-def test_every_seed_holds_the_variants_target(runs, name):
-    variant = models.get_variant(name)
-    seeds = runs.get(name, {})
-    assert sorted(seeds) == seeds_of(), f"{name}: runs for seeds {sorted(seeds)}"
-    first = variant.hold_from or target.EPOCH_LIMIT - target.LAST_EPOCHS + 1
-    worst = {seed: min(r.test_acc[first - 1 :]) for seed, r in seeds.items()}
-    print(f"{name}: worst test accuracy in epochs {first}-15 per seed: {worst}")
-    assert all(target.holds(r.test_acc, first) for r in seeds.values()), f"{name}: below {target.TARGET_ACC}%: {worst}"
-    if variant.mean_target:
-        from trainer.results import mean_last
+def test_every_seed_holds_its_variants_target(runs):
+    missed = []
+    for name in swept_models():
+        variant = models.get_variant(name)
+        seeds = runs.get(name, {})
+        assert sorted(seeds) == seeds_of(), f"{name}: runs for seeds {sorted(seeds)}"
+        first = variant.hold_from or target.EPOCH_LIMIT - target.LAST_EPOCHS + 1
+        worst = {seed: min(r.test_acc[first - 1 :]) for seed, r in sorted(seeds.items())}
+        print(f"{name}: worst test accuracy in epochs {first}-{target.EPOCH_LIMIT} per seed: {worst}")
+        missed += [f"{name} seed {seed}: {acc:.2f}%" for seed, acc in worst.items() if acc < target.TARGET_ACC]
+        if variant.mean_target:
+            from trainer.results import mean_last
 
-        assert mean_last(list(seeds.values())) >= variant.mean_target
+            mean = mean_last(list(seeds.values()))
+            if mean < variant.mean_target:
+                missed.append(f"{name}: mean of the last-{target.LAST_EPOCHS} means {mean:.2f}%")
+    assert not missed, f"below target: {'; '.join(missed)}"
 
 
 def test_the_recorded_per_epoch_numbers_reproduce_on_the_same_cpu(runs):
