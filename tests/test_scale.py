@@ -120,9 +120,15 @@ def sweep_env(server, cluster, experiment):
     }
 
 
-def trainer(*args, env):
+def trainer(*args, env, **popen):
     cmd = [str(BIN / "trainer"), *map(str, args)]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def as_from_a_terminal():
+    """Ctrl-C's default action, as in a shell with job control: a background job of a script (how CI may
+    start the tests) inherits SIGINT ignored, and then Python never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture
@@ -300,7 +306,7 @@ def test_a_failing_trial_is_recorded_not_retried_and_the_sweep_goes_on(server, c
 def test_ctrl_c_on_the_driver_exits_130_resumable_with_nothing_called_failed(server, cluster, client, data_dir):
     env = sweep_env(server, cluster, "interrupted")
     args = ["--models", "step5", "--seeds", "1,2", "--subset", "1024", "--epochs", "3", "--data-dir", data_dir]
-    proc = trainer("sweep", *args, "--address", cluster["address"], env=env)
+    proc = trainer("sweep", *args, "--address", cluster["address"], env=env, preexec_fn=as_from_a_terminal)
     wait_for(lambda: runs_of(client, "interrupted")[1], 300, "a first trial's run", proc)
     proc.send_signal(signal.SIGINT)
     out = proc.communicate(timeout=120)[0]
