@@ -303,14 +303,42 @@ def test_a_failing_trial_is_recorded_not_retried_and_the_sweep_goes_on(server, c
     assert proc.returncode == 1 and f"{len(failed)} of the sweep's trials failed" in out.splitlines()[-1]
 
 
-def test_ctrl_c_on_the_driver_exits_130_resumable_with_nothing_called_failed(server, cluster, client, data_dir):
-    env = sweep_env(server, cluster, "interrupted")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signalled_driver_exits_130_or_143_resumable_with_nothing_called_failed(
+    server, cluster, client, data_dir, signum
+):
+    experiment = f"interrupted-{signum.name}"
+    env = sweep_env(server, cluster, experiment)
     args = ["--models", "step5", "--seeds", "1,2", "--subset", "1024", "--epochs", "3", "--data-dir", data_dir]
     proc = trainer("sweep", *args, "--address", cluster["address"], env=env, preexec_fn=as_from_a_terminal)
-    wait_for(lambda: runs_of(client, "interrupted")[1], 300, "a first trial's run", proc)
-    proc.send_signal(signal.SIGINT)
+    wait_for(lambda: runs_of(client, experiment)[1], 300, "a first trial's run", proc)
+    proc.send_signal(signum)
     out = proc.communicate(timeout=120)[0]
-    (parent,), _ = runs_of(client, "interrupted")
-    assert proc.returncode == 130, out
+    (parent,), _ = runs_of(client, experiment)
+    assert proc.returncode == 128 + signum, out
     assert f"`trainer sweep --resume {parent.info.run_id}`" in out and "trials failed" not in out, out
-    assert parent.info.status == "KILLED"
+    assert parent.info.status == "KILLED" and "SIGTERM received" not in out  # not Ray's crash report
+
+
+def test_a_trial_no_node_can_hold_is_refused_by_a_local_ray_and_waited_for_on_a_cluster(
+    server, cluster, client, data_dir, tmp_path
+):
+    args = ["--models", "tiny", "--seeds", "1", "--subset", "256", "--epochs", "1", "--data-dir", data_dir]
+    local = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "MLFLOW_EXPERIMENT_NAME": "x"}
+    local.pop("RAY_ADDRESS", None)
+    proc = trainer("sweep", *args, "--gpus-per-run", "64", env=local)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 1 and "Traceback" not in out, out
+    assert out.strip().splitlines()[-1].startswith("Error: no Ray node has the 1 CPUs and 64 GPUs a trial asks"), out
+    store = MlflowClient(local["MLFLOW_TRACKING_URI"])
+    assert not store.search_runs([e.experiment_id for e in store.search_experiments()]), "a run was made"
+
+    env = sweep_env(server, cluster, "unplaceable")  # each node of the cluster has 1 CPU
+    proc = trainer("sweep", *args, "--cpus-per-run", "2", "--address", cluster["address"], env=env)
+    wait_for(lambda: runs_of(client, "unplaceable")[0], 120, "the sweep's run", proc)
+    time.sleep(5)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert "the trials wait for a node that has them to join" in out and proc.returncode == 143, out
+    (parent,), children = runs_of(client, "unplaceable")
+    assert parent.info.status == "KILLED" and not children

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import signal
 import tempfile
 import time
 import traceback
@@ -272,31 +273,49 @@ def sweep(spec: Spec | None, address: str | None, resume: str | None = None, dat
         spec = read_spec(client, resume, data_dir)
     run_id = resume or project_run
     name = None if run_id else f"{'search' if spec.samples else 'sweep'}-{len(spec.configs)}-runs"
-    with mlflow.start_run(run_id=run_id, run_name=name) as parent_run:
-        parent = client.get_run(parent_run.info.run_id)
-        if not resume:
-            spec.keys = [trial_key(parent.info.run_id, c) for c in spec.configs]
-            log_spec(spec)
-        trials = [{"key": k, "params": c} for k, c in zip(spec.keys, spec.configs, strict=True)]
-        settled_keys = {k for k, runs in children(client, parent).items() if settled(runs)}
-        todo = [t for t in trials if t["key"] not in settled_keys]
-        print(f"{len(trials)} trials, {len(trials) - len(todo)} already settled in MLflow, {len(todo)} to run")
-        if todo:
-            start_ray(address)
+    start_ray(address)
+    try:
+        check_resources(spec, joined=bool(address or os.environ.get("RAY_ADDRESS")))  # before any run is made
+        with mlflow.start_run(run_id=run_id, run_name=name) as parent_run:
+            parent = client.get_run(parent_run.info.run_id)
+            if not resume:
+                spec.keys = [trial_key(parent.info.run_id, c) for c in spec.configs]
+                log_spec(spec)
+            trials = [{"key": k, "params": c} for k, c in zip(spec.keys, spec.configs, strict=True)]
+            settled_keys = {k for k, runs in children(client, parent).items() if settled(runs)}
+            todo = [t for t in trials if t["key"] not in settled_keys]
+            print(f"{len(trials)} trials, {len(trials) - len(todo)} already settled in MLflow, {len(todo)} to run")
+            signals = tracking.Signals()  # SIGTERM too, over Ray's own handler: like Ctrl-C, but exit 143
             try:
-                tune_trials(spec, todo, parent, len(trials) - len(todo))
-            except KeyboardInterrupt:
+                with signals:
+                    if todo:
+                        tune_trials(spec, todo, parent, len(trials) - len(todo))
+            except KeyboardInterrupt:  # Tune raises its own: the signal is the one `signals` received
                 print(f"the sweep stays resumable: `trainer sweep --resume {parent.info.run_id}` finishes it")
                 mlflow.end_run("KILLED")
-                raise
-            finally:
-                ray.shutdown()
-        failed = summarize(client, parent, spec)
-        unsettled = [k for k in spec.keys if not settled(children(client, parent).get(k, []))]
-        if unsettled:  # a worker died in every try: the sweep stays resumable
-            print(f"{len(unsettled)} trials unfinished: `trainer sweep --resume {parent.info.run_id}` continues")
-            mlflow.end_run("KILLED")
+                raise tracking.Interrupted(signals.received or signal.SIGINT) from None
+            failed = summarize(client, parent, spec)
+            unsettled = [k for k in spec.keys if not settled(children(client, parent).get(k, []))]
+            if unsettled:  # a worker died in every try: the sweep stays resumable
+                print(f"{len(unsettled)} trials unfinished: `trainer sweep --resume {parent.info.run_id}` continues")
+                mlflow.end_run("KILLED")
+    finally:
+        ray.shutdown()
     return failed + len(unsettled)
+
+
+def check_resources(spec: Spec, joined: bool) -> None:
+    """A trial needs one node with its CPUs and GPUs. Ray would wait for one forever: on the local Ray,
+    which cannot grow, that is an error; on a cluster one may still join (an autoscaler), so say it."""
+    need = {"CPU": spec.cpus_per_run, "GPU": spec.gpus_per_run}
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    if any(all(r.get(k, 0) >= v for k, v in need.items()) for r in nodes):
+        return
+    have = "; ".join(f"{r.get('CPU', 0):g} CPUs, {r.get('GPU', 0):g} GPUs" for r in nodes)
+    message = f"no Ray node has the {need['CPU']:g} CPUs and {need['GPU']:g} GPUs a trial asks for (nodes: {have})"
+    if not joined:
+        raise ValueError(f"{message}: lower --cpus-per-run / --gpus-per-run")
+    logging.getLogger("trainer").warning(f"{message}: the trials wait for a node that has them to join")
 
 
 def tune_trials(spec: Spec, todo: list[dict], parent, done_before: int) -> None:
