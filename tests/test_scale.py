@@ -75,8 +75,9 @@ def server():
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head node and a second node (`ray start --block`, each with 1 CPU and its own temp dir),
-    listening on loopback only, with a token of their own. Yields the address and the nodes' env."""
+    """A head node and a second node (`ray start --block`, each with 1 CPU and its own temp dir; the
+    second declares 1 GPU, which Ray schedules like a real one), listening on loopback only, with a
+    token of their own. Yields the address and the nodes' env."""
     host = socket.gethostname()  # joins by a name for 127.0.0.1: Ray turns the literal into the LAN address
     if socket.gethostbyname(host) != "127.0.0.1":
         pytest.fail(f"this machine's name {host!r} must resolve to 127.0.0.1 for a loopback-only Ray cluster")
@@ -86,7 +87,7 @@ def cluster():
     temp = [Path(tempfile.mkdtemp(prefix="ray")) for _ in range(2)]
     common = ["--num-cpus", "1", "--object-store-memory", "100000000", "--disable-usage-stats", "--block"]
     head = [BIN / "ray", "start", "--head", "--port", port, "--include-dashboard", "false", "--temp-dir", temp[0]]
-    second = [BIN / "ray", "start", "--address", f"{host}:{port}", "--temp-dir", temp[1]]
+    second = [BIN / "ray", "start", "--address", f"{host}:{port}", "--temp-dir", temp[1], "--num-gpus", "1"]
     procs = []
     try:
         # Ray takes 127.0.0.1 as the node's address only where it runs no multi-node clusters: the head does.
@@ -318,6 +319,19 @@ def test_a_signalled_driver_exits_130_or_143_resumable_with_nothing_called_faile
     assert proc.returncode == 128 + signum, out
     assert f"`trainer sweep --resume {parent.info.run_id}`" in out and "trials failed" not in out, out
     assert parent.info.status == "KILLED" and "SIGTERM received" not in out  # not Ray's crash report
+
+
+def test_trials_with_a_fraction_of_a_gpu_share_the_node_that_has_one(server, cluster, client, data_dir):
+    env = sweep_env(server, cluster, "gpu-share")
+    args = ["--models", "tiny", "--seeds", "1,2", "--subset", "256", "--epochs", "1", "--data-dir", data_dir]
+    proc = trainer("sweep", *args, "--gpus-per-run", "0.5", "--cpus-per-run", "0.5", "--address", cluster["address"],
+                   env=env)  # fmt: skip
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out
+    _, children = runs_of(client, "gpu-share")
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children), out
+    assert {r.data.tags["ray.gpu_ids"] for r in children} == {"0"}  # both on the one GPU, half each
+    assert len({r.data.tags["ray.node_id"] for r in children}) == 1
 
 
 def test_a_trial_no_node_can_hold_is_refused_by_a_local_ray_and_waited_for_on_a_cluster(

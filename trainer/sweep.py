@@ -132,6 +132,8 @@ def run_trial(config: dict, context: dict) -> None:
         return
     ctx = ray.get_runtime_context()
     where = {"ray.node_id": ctx.get_node_id(), "ray.worker_pid": str(os.getpid())}
+    if gpus := ctx.get_accelerator_ids().get("GPU"):  # the GPUs Ray gave this trial (CUDA_VISIBLE_DEVICES)
+        where["ray.gpu_ids"] = ",".join(gpus)
     previous = resumable(runs)
     for run in runs:  # killed in its first epoch, before any checkpoint: superseded by a new run
         if run is not previous and run.info.status == "RUNNING":
