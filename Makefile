@@ -56,7 +56,8 @@ test-docker: setup
 
 # The README's Results retrained here with the README's own command, every target checked, and, on a CPU
 # model the README's runs were made on, every epoch's test accuracy compared with docs/results.json.
-# Slow (README, Results); `make check-results STORE=sqlite:///mlflow.db` checks existing runs instead.
+# Slow: 42 min 35 s on a quiet 2-core machine (README, Results).
+# `make check-results STORE=sqlite:///mlflow.db` checks existing runs instead.
 STORE ?=
 check-results: data
 	MNIST8K_RESULTS_STORE=$(STORE) $(BIN)/pytest -m results -s tests/test_results_hold.py
