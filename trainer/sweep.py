@@ -231,8 +231,9 @@ def stopped(run, epoch: int, wait: float = 10) -> None:
         client.set_terminated(run.info.run_id, "KILLED")
 
 
-def start_ray(address: str | None) -> None:
-    """Join the cluster at `address` (or RAY_ADDRESS), else start Ray on this machine, on loopback only."""
+def start_ray(address: str | None) -> bool:
+    """Join the cluster at `address` (or RAY_ADDRESS), else start Ray on this machine, on loopback only.
+    Returns whether it joined a cluster."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # nothing phones home unasked
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables, our Progress lines only
     # Ctrl-C raises KeyboardInterrupt here, as in `trainer train`, rather than Tune ending the run its way
@@ -244,6 +245,7 @@ def start_ray(address: str | None) -> None:
         # no multi-node clusters (its flag, read at each use) it takes 127.0.0.1 and listens there only.
         ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(address=address or "local", include_dashboard=False, log_to_driver=False)
+    return bool(address)
 
 
 def trial_env() -> dict:
@@ -275,9 +277,9 @@ def sweep(spec: Spec | None, address: str | None, resume: str | None = None, dat
         spec = read_spec(client, resume, data_dir)
     run_id = resume or project_run
     name = None if run_id else f"{'search' if spec.samples else 'sweep'}-{len(spec.configs)}-runs"
-    start_ray(address)
+    joined = start_ray(address)
     try:
-        check_resources(spec, joined=bool(address or os.environ.get("RAY_ADDRESS")))  # before any run is made
+        check_resources(spec, joined)  # before any run is made
         with mlflow.start_run(run_id=run_id, run_name=name) as parent_run:
             parent = client.get_run(parent_run.info.run_id)
             if not resume:
