@@ -88,6 +88,30 @@ def test_report_pulls_every_number_from_the_runs(fake_runs, run_cli, tmp_path):
     assert "Seeds with >= 99.4% in every epoch from epoch 11 on: 0/2" in text  # step5's runs have 5 epochs
 
 
+def test_report_json_keeps_other_hardware_and_shows_worst_epochs_per_hardware(fake_runs, run_cli, tmp_path):
+    """One results file for every machine: a report from this store replaces the records of its own
+    hardware, keeps the others', and the worst-epoch table shows each hardware's margin."""
+    import json
+
+    path = tmp_path / "results.json"
+    other = {"model": "step5", "seed": 1, "cpu": "AMD EPYC", "gpu": "none", "run_id": "x", "test_acc": [99.5] * 5}
+    stale = {**other, "cpu": "unknown", "run_id": "old"}  # this store's hardware: replaced by its runs
+    path.write_text(json.dumps([other, stale]))
+    result = run_cli("report", "--out", tmp_path / "results.md", "--json", path)
+    assert result.exit_code == 0, result.output
+    records = json.loads(path.read_text())
+    assert other in records and "old" not in {r["run_id"] for r in records}
+    ours = {(r["model"], r["seed"]) for r in records if r["cpu"] == "unknown"}
+    assert ours == {("step5", 1), ("step5", 2), ("step1", 1)}
+    text = (tmp_path / "results.md").read_text()
+    assert "| step5 | 3-5 | AMD EPYC | 99.50 | - |" in text  # 5-epoch runs: their last 3 epochs
+    assert "| step5 | 3-5 | unknown | 99.41 | **99.38** |" in text
+    path.write_text("{not json")
+    result = run_cli("report", "--json", path)
+    assert result.exit_code == 1 and "cannot read" in result.output and "Traceback" not in result.output
+    assert path.read_text() == "{not json"  # a file it cannot read is left as it was
+
+
 def test_the_target_rule():
     assert target.holds([99.0, 99.41, 99.40], 2)
     assert not target.holds([99.0, 99.41, 99.39], 2)

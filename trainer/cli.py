@@ -344,20 +344,23 @@ def compare(experiment, filter_string, include_subset):
     "--json",
     "json_out",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Also write every epoch's test accuracy of the same runs, with their hardware, to this JSON file.",
+    help="Also write every epoch's test accuracy of the same runs, with their hardware, to this JSON file "
+    "(keeping the runs it holds from other hardware), and show each seed's worst epoch per hardware.",
 )
 def report(experiment, out, figure, json_out):
     """The Markdown results section, generated from the tracked runs."""
     from trainer.files import atomic_write
-    from trainer.results import per_epoch
+    from trainer.results import per_epoch, read_records
     from trainer.results import report as make_report
 
+    records = []
     if json_out:
-        atomic_write(json_out, (json.dumps(per_epoch(experiment), indent=1) + "\n").encode())
+        records = per_epoch(experiment, read_records(json_out))
+        atomic_write(json_out, (json.dumps(records, indent=1) + "\n").encode())
         click.echo(f"wrote {json_out}")
     figure = figure or (out.parent / "frontier.png" if out else None)
     link = os.path.relpath(figure, out.parent) if figure and out else figure
-    text = make_report(experiment, figure, link)
+    text = make_report(experiment, figure, link, records)
     if out:
         atomic_write(out, text.encode())
         click.echo(f"wrote {out}")

@@ -3,8 +3,10 @@
 Only finished full-data runs count as results; `--subset` smoke runs are tagged and left out.
 """
 
+import json
 from dataclasses import dataclass, fields
 from functools import cache
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -75,8 +77,8 @@ def load(run) -> Result:
     )
 
 
-def hardware(r: Result) -> str:
-    return r.cpu if r.gpu == "none" else f"{r.gpu} ({r.cpu})"
+def hardware(cpu: str, gpu: str) -> str:
+    return cpu if gpu == "none" else f"{gpu} ({cpu})"
 
 
 def mean_last(runs: list[Result]) -> float:
@@ -184,10 +186,10 @@ def variant_section(name: str, seeds: dict[int, Result]) -> str:
                 f"(target >= {variant.mean_target:.2f}%: {verdict})"
             )
         for seed, r in sorted(seeds.items()):
-            start = first if len(r.test_acc) >= first else max(1, len(r.test_acc) - target.LAST_EPOCHS + 1)
+            start = first_epoch(name, len(r.test_acc))
             shown = r.test_acc[start - 1 :]
             lines.append(
-                f"- seed {seed} (run `{r.run_id[:8]}`, {hardware(r)}), test accuracy in epochs "
+                f"- seed {seed} (run `{r.run_id[:8]}`, {hardware(r.cpu, r.gpu)}), test accuracy in epochs "
                 f"{start}-{len(r.test_acc)}: {', '.join(f'{a:.2f}' for a in shown)}; worst {min(shown):.2f}"
             )
         lines.append("")
@@ -196,6 +198,12 @@ def variant_section(name: str, seeds: dict[int, Result]) -> str:
     if analysis:
         lines += [analysis, ""]
     return "\n".join(lines)
+
+
+def first_epoch(name: str, epochs: int) -> int:
+    """The first epoch a variant's target covers in a run of `epochs`: its `hold_from`, else the last 3."""
+    hold = models.get_variant(name).hold_from
+    return hold if hold and epochs >= hold else max(1, epochs - target.LAST_EPOCHS + 1)
 
 
 def notes_parts(name: str) -> tuple[str, str]:
@@ -233,9 +241,10 @@ def frontier_figure(table: dict[str, dict[int, Result]], path) -> None:
     plots.plt.close(fig)
 
 
-def report(experiment: str | None = None, figure=None, link: str | None = None) -> str:
+def report(experiment: str | None = None, figure=None, link: str | None = None, records: list[dict] = ()) -> str:
     """The Markdown results section, every number pulled from the tracked runs; with `figure` (a PNG
-    path) also the accuracy-vs-parameters frontier, linked from the text as `link` (default: the path)."""
+    path) also the accuracy-vs-parameters frontier, linked from the text as `link` (default: the path);
+    with `records` (`per_epoch`'s, every machine's) also each seed's worst epoch per hardware."""
     table = tracked(experiment)
     names = models.list_models()
     summary_rows = []
@@ -274,19 +283,62 @@ def report(experiment: str | None = None, figure=None, link: str | None = None) 
             f"{target.LAST_EPOCHS} epochs; crosses: the write-ups' claims (their minimum over the claimed epochs).",
             "",
         ]
+    if records:
+        parts += [
+            f"Worst test accuracy (%) per seed in the epochs each target covers, per hardware the runs were made "
+            f"on (bold: below {target.TARGET_ACC}%):",
+            "",
+            worst_epochs(records),
+            "",
+        ]
     parts += [variant_section(name, table.get(name, {})) for name in names]
     return "\n".join(parts)
 
 
-def per_epoch(experiment: str | None = None) -> list[dict]:
+def per_epoch(experiment: str | None = None, recorded: list[dict] = ()) -> list[dict]:
     """The report's runs as records: model, seed, hardware and every epoch's test accuracy (for
-    `trainer report --json`, which `make check-results` compares a new machine's runs with)."""
+    `trainer report --json`, which `make check-results` compares a new machine's runs with). The
+    `recorded` records of hardware this store has no run on are kept: one file, every machine."""
     table = tracked(experiment)
-    return [
+    ours = [
         {"model": name, "seed": seed, "cpu": r.cpu, "gpu": r.gpu, "run_id": r.run_id, "test_acc": r.test_acc}
         for name, seeds in table.items()
         for seed, r in sorted(seeds.items())
     ]
+    here = {(r["cpu"], r["gpu"]) for r in ours}
+    return [r for r in recorded if (r["cpu"], r["gpu"]) not in here] + ours
+
+
+RECORD_KEYS = {"model", "seed", "cpu", "gpu", "run_id", "test_acc"}
+
+
+def read_records(path: Path) -> list[dict]:
+    """The records a `trainer report --json` file holds ([] when there is no such file yet)."""
+    try:
+        records = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path} as a results file: {e}") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) and RECORD_KEYS <= set(r) for r in records):
+        raise ValueError(f"{path} is not a results file: expected a list of {{{', '.join(sorted(RECORD_KEYS))}}}")
+    return records
+
+
+def worst_epochs(records: list[dict]) -> str:
+    """Per variant and hardware, each seed's worst test accuracy in the epochs its target covers (misses
+    in bold): how much margin the targets keep from one machine to the next."""
+    names = models.list_models()
+    seeds = sorted({r["seed"] for r in records})
+    cells: dict[tuple[str, str, str], dict[int, str]] = {}
+    for r in sorted(records, key=lambda r: (names.index(r["model"]), r["gpu"], r["cpu"])):
+        n = len(r["test_acc"])
+        first = first_epoch(r["model"], n)
+        worst = min(r["test_acc"][first - 1 :])
+        text = f"{worst:.2f}" if worst >= target.TARGET_ACC else f"**{worst:.2f}**"
+        cells.setdefault((r["model"], f"{first}-{n}", hardware(r["cpu"], r["gpu"])), {})[r["seed"]] = text
+    rows = [[*key, *(row.get(s, "-") for s in seeds)] for key, row in cells.items()]
+    return markdown_table(["Model", "Epochs", "Hardware", *(f"seed {s}" for s in seeds)], rows)
 
 
 def latest_target_met() -> dict[str, str]:
