@@ -381,9 +381,27 @@ def test_nothing_phones_home(data_dir):
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_an_interrupted_training_exits_130_or_143(data_dir, tmp_path, sig, code):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = trainer("train", *SMOKE, *EPOCHS, "--data-dir", data_dir, env=store_env(uri))
+    # 15 epochs, so that the signal lands in training, not after it (2 smoke epochs could end first)
+    proc = trainer("train", *SMOKE, "--epochs", "15", "--data-dir", data_dir, env=store_env(uri))
     wait_for_tag(uri, "last_checkpoint", "checkpoints/epoch_001.pt")
     proc.send_signal(sig)
     output = finish(proc)
     assert proc.returncode == code and "Traceback" not in output, output
     assert runs_of(uri)[1][0].info.status == "KILLED"
+
+
+@pytest.mark.parametrize("repeat", range(20))
+def test_a_signal_while_the_run_is_closed_waits_for_the_close(repeat):
+    """A signal between the lease's release and the run's end once left the run RUNNING (CI): while
+    `held`, a real SIGINT is only remembered, and `check` raises it once the writes are done."""
+    from trainer.tracking import Interrupted, Signals
+
+    done = []
+    with pytest.raises(Interrupted), Signals() as signals:
+        with signals.held():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("lease released")
+            time.sleep(0.001)
+            done.append("run ended")
+        signals.check()
+    assert done == ["lease released", "run ended"] and signals.received == signal.SIGINT

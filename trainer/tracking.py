@@ -70,6 +70,7 @@ class Signals:
     def __init__(self):
         self.received: int | None = None
         self.previous = {}
+        self.holding = False
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -90,7 +91,18 @@ class Signals:
 
     def handler(self, signum, frame):
         self.received = signum
-        raise Interrupted(signum)
+        if not self.holding:
+            raise Interrupted(signum)
+
+    @contextmanager
+    def held(self):
+        """Inside, a signal is only remembered (`check` raises it after): for writes that must not be cut
+        in two, such as ending the run."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
 
     def check(self) -> None:
         if self.received:
@@ -365,7 +377,9 @@ def train(
             mlflow.set_tag("failure_reason", str(e))
             raise
         finally:
-            close(run_id, lease, status)
+            with signals.held():
+                close(run_id, lease, status)
+        signals.check()  # a signal that came while the run was being closed still stops the process
     log.info(f"run {run_id}: " + ", ".join(f"{k} {v:g}" for k, v in summary.items()))
     return summary
 
