@@ -77,6 +77,25 @@ def test_sampler_order_depends_on_seed_and_epoch_only():
     assert sorted(i for _, indices in pairs(1, 3) for i in indices) == list(range(100))
 
 
+def test_clean_epochs_train_on_the_images_as_they_are(images, data_dir):
+    """`--clean-epochs 2` of 5: epochs 4-5 see the images unchanged, in the order a fully augmented run
+    would see them, and epochs 1-3 are augmented exactly as that run's."""
+
+    def epoch(sampler, n):
+        sampler.set_epoch(n)
+        return list(sampler)
+
+    augmented, clean = EpochBatches(100, 32, seed=1), EpochBatches(100, 32, seed=1, augmented=3)
+    assert epoch(clean, 3) == epoch(augmented, 3)
+    assert [indices for _, indices in epoch(clean, 4)] == [indices for _, indices in epoch(augmented, 4)]
+    assert all(seed is None for seed, _ in epoch(clean, 4) + epoch(clean, 5))
+    raw, labels = MNISTDataset(*images, build_augment("standard")).__getitems__((None, [3, 5]))
+    assert np.array_equal(raw, images[0][[3, 5]].numpy()) and labels.tolist() == images[1][[3, 5]].tolist()
+    recipe = models.get_variant("step5").recipe
+    cfg = Config.for_variant(recipe, clean_epochs=2, subset=64, workers=0, data_dir=data_dir)
+    assert make_loaders(cfg, torch.device("cpu"))[2].augmented == cfg.epochs - 2
+
+
 def test_test_set_is_never_augmented(data_dir):
     recipe = models.get_variant("step5").recipe  # augment: standard
     cfg = Config.for_variant(recipe, model="step5", subset=200, workers=0, data_dir=data_dir)

@@ -46,10 +46,11 @@ def build_augment(name: str):
 
 
 class EpochBatches(torch.utils.data.Sampler):
-    """Shuffled batches as `(seed, indices)`; order and seeds depend on (run seed, epoch) only."""
+    """Shuffled batches as `(seed, indices)`; order and seeds depend on (run seed, epoch) only. After
+    epoch `augmented` the seed is None: the batch is not augmented (`--clean-epochs`)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, 1
+    def __init__(self, n: int, batch_size: int, seed: int, augmented: int | None = None):
+        self.n, self.batch_size, self.seed, self.augmented, self.epoch = n, batch_size, seed, augmented, 1
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -61,4 +62,6 @@ class EpochBatches(torch.utils.data.Sampler):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.n, generator=g).split(self.batch_size)
         seeds = torch.randint(0, 2**31 - 1, (len(order),), generator=g).tolist()
+        if self.augmented is not None and self.epoch > self.augmented:
+            seeds = [None] * len(order)
         return iter(zip(seeds, [batch.tolist() for batch in order], strict=True))

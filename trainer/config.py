@@ -57,6 +57,8 @@ class Config:
     div_factor: float = setting(25.0, "onecycle: initial lr = lr / div_factor.", recipe=True, low=1)
     final_div_factor: float = setting(1e4, "onecycle: final lr = initial lr / final_div_factor.", recipe=True, low=1)
     augment: str = setting("none", "Augmentation pipeline (albumentations).", recipe=True, choices=AUGMENTS)
+    clean_epochs: int = setting(0, "Last epochs trained on the images as they are, without augmentation.",
+                                recipe=True, low=0)  # fmt: skip
     dropout: float = setting(0.0, "Dropout probability.", recipe=True, low=0, high=1, high_open=True)
     ema: float = setting(0.0, "Decay of a moving average of the weights, evaluated and saved instead (0 = off).",
                          recipe=True, low=0, high=1, high_open=True)  # fmt: skip

@@ -187,8 +187,9 @@ class MNISTDataset(torch.utils.data.Dataset):
 
     def __getitems__(self, key):
         seed, indices = key
-        if seed is not None:
-            self.transform.set_random_seed(seed)
+        if seed is None:  # a clean batch: the images as they are
+            return self.images[indices], self.labels[indices]
+        self.transform.set_random_seed(seed)
         return np.stack([self.transform(image=self.images[i])["image"] for i in indices]), self.labels[indices]
 
 

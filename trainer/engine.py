@@ -142,7 +142,7 @@ def make_loaders(cfg: Config, device: torch.device):
     x_train, y_train = load_mnist(cfg.data_dir, train=True, subset=cfg.subset)
     x_test, y_test = load_mnist(cfg.data_dir, train=False, subset=cfg.subset)
     train_set = MNISTDataset(x_train, y_train, build_augment(cfg.augment))
-    sampler = EpochBatches(len(train_set), cfg.batch_size, cfg.seed)
+    sampler = EpochBatches(len(train_set), cfg.batch_size, cfg.seed, augmented=cfg.epochs - cfg.clean_epochs)
     train = torch.utils.data.DataLoader(
         train_set,
         batch_sampler=sampler,

@@ -58,6 +58,7 @@ def search_space(recipe: dict) -> dict:
         "pct_start": tune.uniform(0.1, 0.5),
         "weight_decay": tune.choice([0.0, 1e-5, 1e-4, 5e-4]),
         "dropout": tune.uniform(0.0, 0.1),
+        "clean_epochs": tune.choice([0, 3, 5]),
         "batch_size": tune.choice([64, 128, 256]),
         "ema": tune.choice([0.0, 0.99, 0.999]),
     }
