@@ -90,17 +90,22 @@ def test_report_pulls_every_number_from_the_runs(fake_runs, run_cli, tmp_path):
 
 def test_report_json_keeps_other_hardware_and_shows_worst_epochs_per_hardware(fake_runs, run_cli, tmp_path):
     """One results file for every machine: a report from this store replaces the records of its own
-    hardware, keeps the others', and the worst-epoch table shows each hardware's margin."""
+    hardware, keeps the others' made with today's recipes, and the worst-epoch table shows each
+    hardware's margin."""
     import json
 
     path = tmp_path / "results.json"
-    other = {"model": "step5", "seed": 1, "cpu": "AMD EPYC", "gpu": "none", "run_id": "x", "test_acc": [99.5] * 5}
-    stale = {**other, "cpu": "unknown", "run_id": "old"}  # this store's hardware: replaced by its runs
-    path.write_text(json.dumps([other, stale]))
+    recipe = results.recipe_record("step5")
+    other = {"model": "step5", "seed": 1, "cpu": "AMD EPYC", "gpu": "none", "run_id": "x", "recipe": recipe,
+             "test_acc": [99.5] * 5}  # fmt: skip
+    replaced = {**other, "cpu": "unknown", "run_id": "old"}  # this store's hardware: replaced by its runs
+    stale = {**other, "cpu": "Arm", "run_id": "stale", "recipe": {**recipe, "lr": 1.0}}  # another recipe: dropped
+    path.write_text(json.dumps([other, replaced, stale]))
     result = run_cli("report", "--out", tmp_path / "results.md", "--json", path)
     assert result.exit_code == 0, result.output
     records = json.loads(path.read_text())
-    assert other in records and "old" not in {r["run_id"] for r in records}
+    assert other in records and not {"old", "stale"} & {r["run_id"] for r in records}
+    assert all(r["recipe"] == results.recipe_record(r["model"]) for r in records)
     ours = {(r["model"], r["seed"]) for r in records if r["cpu"] == "unknown"}
     assert ours == {("step5", 1), ("step5", 2), ("step1", 1)}
     text = (tmp_path / "results.md").read_text()

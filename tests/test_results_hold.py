@@ -9,7 +9,6 @@ gives, and every target checked (slow: a full 20-run sweep; `pytest -m results` 
 
 MNIST8K_RESULTS_STORE=URI checks the finished runs of an existing store instead of training."""
 
-import json
 import os
 import re
 import shlex
@@ -90,11 +89,13 @@ def test_every_seed_holds_its_variants_target(runs):
 
 
 def test_the_recorded_per_epoch_numbers_reproduce_on_the_same_cpu(runs):
-    here = cpu_model()
-    recorded = [r for r in json.loads(RECORDED.read_text()) if r["cpu"] == here and r["gpu"] == "none"]
+    from trainer.results import current, read_records
+
+    here, records = cpu_model(), [r for r in read_records(RECORDED) if current(r)]
+    recorded = [r for r in records if r["cpu"] == here and r["gpu"] == "none"]
     if not recorded:
-        cpus = sorted({r["cpu"] for r in json.loads(RECORDED.read_text())})
-        pytest.skip(f"no recorded runs on this CPU ({here}); recorded: {', '.join(cpus)}")
+        cpus = sorted({r["cpu"] for r in records})
+        pytest.skip(f"no runs recorded on this CPU ({here}) with today's recipes; recorded: {', '.join(cpus)}")
     for record in recorded:
         if record["model"] in swept_models():
             ours = runs[record["model"]][record["seed"]]

@@ -296,20 +296,32 @@ def report(experiment: str | None = None, figure=None, link: str | None = None, 
 
 
 def per_epoch(experiment: str | None = None, recorded: list[dict] = ()) -> list[dict]:
-    """The report's runs as records: model, seed, hardware and every epoch's test accuracy (for
-    `trainer report --json`, which `make check-results` compares a new machine's runs with). The
-    `recorded` records of hardware this store has no run on are kept: one file, every machine."""
+    """The report's runs as records: model, seed, hardware, the recipe and every epoch's test accuracy
+    (for `trainer report --json`, which `make check-results` compares a new machine's runs with). The
+    `recorded` records of hardware this store has no run on are kept while their variant's recipe is
+    unchanged: one file, every machine, no stale numbers."""
     table = tracked(experiment)
-    ours = [
-        {"model": name, "seed": seed, "cpu": r.cpu, "gpu": r.gpu, "run_id": r.run_id, "test_acc": r.test_acc}
-        for name, seeds in table.items()
-        for seed, r in sorted(seeds.items())
-    ]
+    ours = [record(r) for seeds in table.values() for _, r in sorted(seeds.items())]
     here = {(r["cpu"], r["gpu"]) for r in ours}
-    return [r for r in recorded if (r["cpu"], r["gpu"]) not in here] + ours
+    return [r for r in recorded if (r["cpu"], r["gpu"]) not in here and current(r)] + ours
 
 
-RECORD_KEYS = {"model", "seed", "cpu", "gpu", "run_id", "test_acc"}
+RECORD_KEYS = {"model", "seed", "cpu", "gpu", "run_id", "recipe", "test_acc"}
+
+
+def record(r: Result) -> dict:
+    recipe = recipe_record(r.model)
+    return dict(model=r.model, seed=r.seed, cpu=r.cpu, gpu=r.gpu, run_id=r.run_id, recipe=recipe, test_acc=r.test_acc)
+
+
+def recipe_record(name: str) -> dict:
+    """A variant's recipe as a results file holds it (JSON values: a tuple becomes a list)."""
+    return json.loads(json.dumps(models.get_variant(name).recipe))
+
+
+def current(r: dict) -> bool:
+    """Whether a record was trained with its variant's recipe as it stands now."""
+    return r["model"] in models.list_models() and r["recipe"] == recipe_record(r["model"])
 
 
 def read_records(path: Path) -> list[dict]:
