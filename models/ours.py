@@ -8,14 +8,20 @@ from __future__ import annotations  # annotations name nn.Module without importi
 from models import nn, register
 
 
-def block(cin: int, cout: int, bn: bool, dropout: float) -> list[nn.Module]:
-    """3x3 conv -> ReLU [-> BatchNorm] [-> Dropout2d], the order of write-up 000's final model.
+def relu_bn(cout: int, bn: bool = True, bn_first: bool = False) -> list[nn.Module]:
+    """ReLU [-> BatchNorm], the order of write-up 000's final model, or with `bn_first` BatchNorm -> ReLU,
+    the usual order (tiny4k, tiny3k: it lifted tiny3k's every tuning seed; models/notes/tiny3k.md)."""
+    if not bn:
+        return [nn.ReLU()]
+    return [nn.BatchNorm2d(cout), nn.ReLU()] if bn_first else [nn.ReLU(), nn.BatchNorm2d(cout)]
+
+
+def block(cin: int, cout: int, bn: bool, dropout: float, bn_first: bool = False) -> list[nn.Module]:
+    """3x3 conv -> ReLU [-> BatchNorm] (or conv -> BatchNorm -> ReLU, `bn_first`) [-> Dropout2d].
 
     Dropout2d drops whole channels: one random number per channel instead of per activation, which made
     step5's training compute on a CPU about 1.8x faster (README, Speed)."""
-    layers = [nn.Conv2d(cin, cout, 3, bias=False), nn.ReLU()]
-    if bn:
-        layers.append(nn.BatchNorm2d(cout))
+    layers = [nn.Conv2d(cin, cout, 3, bias=False), *relu_bn(cout, bn, bn_first)]
     if dropout:
         layers.append(nn.Dropout2d(dropout))
     return layers
@@ -109,32 +115,32 @@ def step5(dropout: float = 0.01) -> nn.Module:
     return skeleton(bn=True, dropout=dropout)
 
 
-def sep_block(cin: int, cout: int, dropout: float) -> list[nn.Module]:
-    """Depthwise-separable 3x3: a 3x3 per channel, then a 1x1 mix, ReLU, BatchNorm [, Dropout2d] (9*cin +
-    cin*cout weights instead of a full 3x3's 9*cin*cout: more width for the same parameters)."""
+def sep_block(cin: int, cout: int, dropout: float, bn_first: bool = False) -> list[nn.Module]:
+    """Depthwise-separable 3x3: a 3x3 per channel, then a 1x1 mix, ReLU and BatchNorm (in `relu_bn`'s order)
+    [, Dropout2d] (9*cin + cin*cout weights instead of a full 3x3's 9*cin*cout: more width for the same
+    parameters)."""
     layers = [
         nn.Conv2d(cin, cin, 3, groups=cin, bias=False),
         nn.Conv2d(cin, cout, 1, bias=False),
-        nn.ReLU(),
-        nn.BatchNorm2d(cout),
+        *relu_bn(cout, True, bn_first),
     ]
     if dropout:
         layers.append(nn.Dropout2d(dropout))
     return layers
 
 
-def separable(channels: tuple[int, int, int, int, int], dropout: float) -> nn.Module:
+def separable(channels: tuple[int, int, int, int, int], dropout: float, bn_first: bool = False) -> nn.Module:
     """tiny's layout: step5's skeleton (same sizes and RF), with one full 3x3 on the single input channel
     and depthwise-separable blocks after it, widening. The weights a full 3x3 would spend on its 9*cin*cout
-    buy width instead."""
+    buy width instead. `bn_first`: BatchNorm before ReLU in every block (`relu_bn`)."""
     c1, c2, c3, c4, c5 = channels
     return nn.Sequential(
-        *block(1, c1, True, dropout),  # 26x26  RF: 3 (1)
-        *sep_block(c1, c2, dropout),  # 24x24  RF: 5 (1)
+        *block(1, c1, True, dropout, bn_first),  # 26x26  RF: 3 (1)
+        *sep_block(c1, c2, dropout, bn_first),  # 24x24  RF: 5 (1)
         nn.MaxPool2d(2),  # 12x12  RF: 6 (2)
-        *sep_block(c2, c3, dropout),  # 10x10  RF: 10 (2)
-        *sep_block(c3, c4, dropout),  # 8x8  RF: 14 (2)
-        *sep_block(c4, c5, dropout),  # 6x6  RF: 18 (2)
+        *sep_block(c2, c3, dropout, bn_first),  # 10x10  RF: 10 (2)
+        *sep_block(c3, c4, dropout, bn_first),  # 8x8  RF: 14 (2)
+        *sep_block(c4, c5, dropout, bn_first),  # 6x6  RF: 18 (2)
         nn.AdaptiveAvgPool2d(1),  # 1x1  RF: 28 (GAP sees the whole 6x6 map)
         nn.Conv2d(c5, 10, 1, bias=False),  # 1x1  RF: 28  the head: c5 x 10 params
         nn.Flatten(),
@@ -154,19 +160,19 @@ def tiny(dropout: float = 0.01) -> nn.Module:
 
 @register(
     "tiny4k",
-    "The stretch: tiny's layout under 4,000 parameters (narrower)",
+    "The stretch: tiny's layout under 4,000 parameters (narrower), BatchNorm before ReLU",
     hold_from=13,
     **STEP5_RECIPE,
 )
 def tiny4k(dropout: float = 0.01) -> nn.Module:
-    return separable((12, 20, 28, 28, 32), dropout)
+    return separable((12, 20, 28, 28, 32), dropout, bn_first=True)
 
 
 @register(
     "tiny3k",
-    "Below the stretch: tiny's layout under 3,000 parameters (narrower again), without dropout",
+    "Below the stretch: tiny's layout under 3,000 parameters (narrower again), BatchNorm before ReLU, without dropout",
     hold_from=13,
     **{**STEP5_RECIPE, "dropout": 0.0},
 )
 def tiny3k(dropout: float = 0.0) -> nn.Module:
-    return separable((10, 16, 24, 24, 26), dropout)
+    return separable((10, 16, 24, 24, 26), dropout, bn_first=True)
