@@ -8,6 +8,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from trainer.cli import cli
@@ -84,6 +85,10 @@ def test_tags(tracked):
     description = run.data.tags["mlflow.note.content"]  # the run page's Description box
     assert description.startswith("Smoke run on the first 2000 train and test images") and "step4 +" in description
     assert run.data.tags["git_commit"] == (checkout_commit() or "none")
+    # the hardware the numbers depend on: CPU model, PyTorch's kernels' instruction set, native bf16 unit
+    cpu = run.data.tags["cpu"]
+    assert cpu.endswith(")") and f"({torch.backends.cpu.get_cpu_capability()}" in cpu, cpu
+    assert run.data.tags["gpu"] == "none"
 
 
 def checkout_commit() -> str | None:

@@ -55,13 +55,28 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cpu_model() -> str:
-    """The CPU's model name (Linux), e.g. 'AMD EPYC' or 'Intel(R) Xeon(R) Platinum 8480+'."""
+def cpu_info() -> str:
+    """/proc/cpuinfo ('' where there is none)."""
     try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.processor() or "unknown"
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+        return ""
+
+
+def cpu_bf16_unit() -> str | None:
+    """The CPU's native bf16 unit, 'AMX' or 'AVX512-BF16', or None where bf16 would be emulated."""
+    flags = cpu_info().split()
+    return "AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags else None
+
+
+def cpu_model() -> str:
+    """The CPU as far as the numbers go: its model name, the instruction set PyTorch's kernels run on and
+    its native bf16 unit, e.g. 'AMD EPYC (AVX2)' or 'Intel(R) Xeon(R) Processor (AVX512, AMX)'. Two
+    machines sold under one model name can differ in both, and then in their per-epoch numbers."""
+    lines = cpu_info().splitlines()
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+    units = ", ".join(u for u in (torch.backends.cpu.get_cpu_capability(), cpu_bf16_unit()) if u)
+    return f"{name or platform.processor() or 'unknown'} ({units})"
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -69,13 +84,7 @@ def native_bf16(device: torch.device) -> bool:
     or AVX512-BF16. Elsewhere bf16 is emulated and slower than float32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return device.type == "cpu" and cpu_bf16_unit() is not None
 
 
 def resolve(cfg: Config, device: torch.device) -> Config:
