@@ -295,7 +295,11 @@ def sweep(spec: Spec | None, address: str | None, resume: str | None = None, dat
                 with signals:
                     if todo:
                         tune_trials(spec, todo, parent, len(trials) - len(todo))
-            except KeyboardInterrupt:  # Tune raises its own: the signal is the one `signals` received
+            except (KeyboardInterrupt, Exception) as e:
+                if not (isinstance(e, KeyboardInterrupt) or signals.received):
+                    raise
+                # Tune raises its own KeyboardInterrupt, a C extension its own error: the signal is the one
+                # `signals` received
                 print(f"the sweep stays resumable: `trainer sweep --resume {parent.info.run_id}` finishes it")
                 mlflow.end_run("KILLED")
                 raise tracking.Interrupted(signals.received or signal.SIGINT) from None

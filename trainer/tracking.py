@@ -64,8 +64,9 @@ class Interrupted(KeyboardInterrupt):
 
 class Signals:
     """SIGINT and SIGTERM raise `Interrupted` at once, and again at every `check()`: an exception raised
-    by a handler can land where Python ignores it (a garbage-collector callback), so the signal is
-    also remembered and cannot be lost. Outside the main thread (a Ray trial) nothing is installed."""
+    by a handler can land where Python ignores it (a garbage-collector callback) or where a C extension
+    replaces it with its own error, so the signal is also remembered and cannot be lost. Outside the
+    main thread (a Ray trial) nothing is installed."""
 
     def __init__(self):
         self.received: int | None = None
@@ -376,6 +377,13 @@ def train(
         except NonFiniteLoss as e:
             mlflow.set_tag("failure_reason", str(e))
             raise
+        except Exception:
+            if not signals.received:
+                raise
+            # The signal's exception was raised inside a C extension that turned it into its own error
+            # (matplotlib's "Invalid affine transformation matrix"): the signal is what ended the run.
+            status = "KILLED"
+            raise Interrupted(signals.received) from None
         finally:
             with signals.held():
                 close(run_id, lease, status)
