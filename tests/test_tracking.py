@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -85,9 +86,13 @@ def test_tags(tracked):
     description = run.data.tags["mlflow.note.content"]  # the run page's Description box
     assert description.startswith("Smoke run on the first 2000 train and test images") and "step4 +" in description
     assert run.data.tags["git_commit"] == (checkout_commit() or "none")
-    # the hardware the numbers depend on: CPU model, PyTorch's kernels' instruction set, native bf16 unit
+    # the hardware the numbers depend on: CPU model name, CPUID family and model, PyTorch's kernels'
+    # instruction set, native bf16 unit
     cpu = run.data.tags["cpu"]
-    assert cpu.endswith(")") and f"({torch.backends.cpu.get_cpu_capability()}" in cpu, cpu
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    family, model = (re.search(rf"^{key}\s*: (\d+)$", cpuinfo, re.M)[1] for key in ("cpu family", "model"))
+    assert f"(family {family} model {model}; {torch.backends.cpu.get_cpu_capability()}" in cpu, cpu
+    assert cpu.endswith(")"), cpu
     assert run.data.tags["gpu"] == "none"
 
 

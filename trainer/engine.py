@@ -70,13 +70,19 @@ def cpu_bf16_unit() -> str | None:
 
 
 def cpu_model() -> str:
-    """The CPU as far as the numbers go: its model name, the instruction set PyTorch's kernels run on and
-    its native bf16 unit, e.g. 'AMD EPYC (AVX2)' or 'Intel(R) Xeon(R) Processor (AVX512, AMX)'. Two
-    machines sold under one model name can differ in both, and then in their per-epoch numbers."""
-    lines = cpu_info().splitlines()
-    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+    """The CPU as far as the numbers go: its model name, CPUID family and model, the instruction set
+    PyTorch's kernels run on and its native bf16 unit, e.g. 'Intel(R) Xeon(R) Processor (family 6 model
+    207; AVX512, AMX)'. A virtual machine may show a generic model name: two Xeons with AMX that both said
+    'Intel(R) Xeon(R) Processor' gave different per-epoch numbers (README, Results); and two machines
+    sold under one name can differ in instruction set and bf16 unit."""
+    info = {}
+    for line in cpu_info().splitlines():  # the first processor's fields
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    name = info.get("model name") or platform.processor() or "unknown"
+    cpuid = f"family {info['cpu family']} model {info['model']}" if "cpu family" in info else None
     units = ", ".join(u for u in (torch.backends.cpu.get_cpu_capability(), cpu_bf16_unit()) if u)
-    return f"{name or platform.processor() or 'unknown'} ({units})"
+    return f"{name} ({'; '.join(filter(None, (cpuid, units)))})"
 
 
 def native_bf16(device: torch.device) -> bool:
