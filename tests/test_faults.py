@@ -389,7 +389,7 @@ def test_an_interrupted_training_exits_130_or_143(data_dir, tmp_path, sig, code)
     proc.send_signal(sig)
     output = finish(proc)
     assert proc.returncode == code and "Traceback" not in output, output
-    assert runs_of(uri)[1][0].info.status == "KILLED"
+    assert runs_of(uri)[1][0].info.status == "KILLED", output  # once RUNNING in CI (2026-12-07): cause unknown
 
 
 @pytest.mark.parametrize("repeat", range(20))
