@@ -10,10 +10,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 from procs import (
     BIN,
     SMOKE,
@@ -407,3 +409,32 @@ def test_a_signal_while_the_run_is_closed_waits_for_the_close(repeat):
             done.append("run ended")
         signals.check()
     assert done == ["lease released", "run ended"] and signals.received == signal.SIGINT
+
+
+@pytest.mark.parametrize("repeat", range(5))
+def test_a_renewal_in_flight_never_outlives_the_release(tmp_path, monkeypatch, repeat):
+    """`release` while the lease's thread is between a renewal's two writes (owner, then expiry): the
+    renewal's expiry, written after the release's, would keep the run leased for a minute more, and a
+    resume from another host would wait for it. The release lets the renewal finish first."""
+    from trainer import tracking
+
+    monkeypatch.setattr(tracking, "LEASE_SECONDS", 0.4)  # the thread renews every 0.1 s
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("lease")).info.run_id
+    lease = tracking.Lease(run_id)
+    in_flight = threading.Event()
+
+    def set_tag(run, key, value):
+        client_set_tag(run, key, value)
+        renewing = threading.current_thread() is not threading.main_thread()
+        if key == tracking.LEASE_OWNER and renewing and not in_flight.is_set():
+            in_flight.set()
+            time.sleep(0.5)  # the release comes now, before this renewal's expiry
+
+    client_set_tag, lease.client.set_tag = lease.client.set_tag, set_tag
+    lease.acquire()
+    assert in_flight.wait(timeout=10), "the lease was never renewed"
+    lease.release()
+    time.sleep(1)  # a renewal that outlived the release would have written by now
+    assert client.get_run(run_id).data.tags[tracking.LEASE_EXPIRES] == "0"

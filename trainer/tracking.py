@@ -149,7 +149,8 @@ class Lease:
         time.sleep(0.5)  # two takers at once: the last write wins, the other sees it and backs off
         if (owner := self.holder()) is not None:
             raise RunBusy(f"run {self.run_id} was just taken by {owner}: not resumed")
-        threading.Thread(target=self.keep, daemon=True).start()
+        self.keeper = threading.Thread(target=self.keep, daemon=True)
+        self.keeper.start()
 
     def renew(self) -> None:
         self.client.set_tag(self.run_id, LEASE_OWNER, self.owner)  # owner first: expiry alone is never ours
@@ -163,7 +164,10 @@ class Lease:
                 log.warning(f"lease renewal failed ({type(e).__name__}); retrying")
 
     def release(self) -> None:
+        """Stop renewing, let a renewal in flight finish (its expiry, written after ours, would hold the run
+        for LEASE_SECONDS more), then expire the lease."""
         self.stopped.set()
+        self.keeper.join(timeout=SLOW_STORE_SECONDS)
         self.client.set_tag(self.run_id, LEASE_EXPIRES, "0")
 
 
