@@ -109,6 +109,24 @@ def test_a_run_interrupted_while_logging_its_end_is_finished_by_resume(
     assert_complete(client, run.info.run_id, reference)
 
 
+@pytest.mark.parametrize("sig, code", [("INT", 130), ("TERM", 143)])
+def test_a_signal_while_the_store_resets_a_connection_is_one_line(data_dir, tmp_path, reference, sig, code):
+    """SQLAlchemy logs an exception raised while it resets a connection handed back to its pool, with its
+    traceback, then passes it on: a signal landing there (the first store write after the last checkpoint)
+    still ends the run KILLED in one line, and the run resumes complete."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = store_env(uri)
+    fault = f"before|sqlalchemy.engine.default.DefaultDialect.do_rollback|log_run_end|{sig}"
+    proc = trainer("train", *SMOKE, *EPOCHS, "--data-dir", data_dir, env=env, fault=fault)
+    output = finish(proc)
+    assert proc.returncode == code and "Traceback" not in output and "during reset" not in output, output
+    client, (run,) = runs_of(uri)
+    assert run.info.status == "KILLED"
+    proc, output = resume(run.info.run_id, env, "--data-dir", data_dir)
+    assert proc.returncode == 0, output
+    assert_complete(client, run.info.run_id, reference)
+
+
 def test_sigterm_at_many_points_after_the_last_checkpoint_is_never_lost(data_dir, tmp_path, reference):
     """SIGTERM from outside, 0 to 2 s after the last checkpoint's tags: the process never exits 0, and
     a run it leaves unfinished is finished by --resume, complete."""

@@ -65,8 +65,10 @@ class Interrupted(KeyboardInterrupt):
 class Signals:
     """SIGINT and SIGTERM raise `Interrupted` at once, and again at every `check()`: an exception raised
     by a handler can land where Python ignores it (a garbage-collector callback) or where a C extension
-    replaces it with its own error, so the signal is also remembered and cannot be lost. Outside the
-    main thread (a Ray trial) nothing is installed."""
+    replaces it with its own error, so the signal is also remembered and cannot be lost. Where a library
+    logs it with its traceback before passing it on (SQLAlchemy, handing a connection back to its pool),
+    that record is dropped: the signal is said in one line. Outside the main thread (a Ray trial) nothing
+    is installed."""
 
     def __init__(self):
         self.received: int | None = None
@@ -77,6 +79,9 @@ class Signals:
         if threading.current_thread() is threading.main_thread():
             self.previous = {s: signal.signal(s, self.handler) for s in (signal.SIGINT, signal.SIGTERM)}
             self.unraisable, sys.unraisablehook = sys.unraisablehook, self.dropped
+            self.handlers = {logging.lastResort, *logging.getLogger().handlers} - {None}
+            for h in self.handlers:
+                h.addFilter(self.not_ours)
         return self
 
     def __exit__(self, *exc):
@@ -84,6 +89,13 @@ class Signals:
             signal.signal(s, handler)
         if self.previous:
             sys.unraisablehook = self.unraisable
+            for h in self.handlers:
+                h.removeFilter(self.not_ours)
+
+    @staticmethod
+    def not_ours(record: logging.LogRecord) -> bool:
+        """False for a log record of our signal's exception (`Interrupted`)."""
+        return not (record.exc_info and isinstance(record.exc_info[1], Interrupted))
 
     def dropped(self, unraisable):
         """Python's report of an exception it had to drop: ours is remembered (`check`), not printed."""
