@@ -56,7 +56,7 @@ test-docker: setup
 
 # The README's Results retrained here with the README's own command, every target checked, and, on a CPU
 # model the README's runs were made on, every epoch's test accuracy compared with docs/results.json.
-# Slow: 42 min 35 s on a quiet 2-core AMD EPYC with AVX512-BF16 (README, Results); where the CPU has no
+# Slow: its sweep took 46 min 15 s on a 2-core AMD EPYC with AVX512-BF16 (README, Results); where the CPU has no
 # native bf16 (float32) a run takes about 11 min, two at a time, so the 20 runs take nearly two hours.
 # `make check-results STORE=sqlite:///mlflow.db` checks existing runs instead.
 STORE ?=

@@ -80,7 +80,7 @@ def frontier(points: list[tuple], claims: list[tuple]):
     ax.axhline(TARGET_ACC, color="gray", linestyle="--", linewidth=1, label=f"{TARGET_ACC}%")
     ax.set_xscale("log")
     ax.set(xlabel="parameters (log scale)", ylabel="test accuracy, last epochs (%)", title="accuracy vs parameters")
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")  # where it hides the fewest markers
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     return fig
