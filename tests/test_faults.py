@@ -437,10 +437,10 @@ def test_a_renewal_in_flight_never_outlives_the_release(tmp_path, monkeypatch, r
     from trainer import tracking
 
     monkeypatch.setattr(tracking, "LEASE_SECONDS", 0.4)  # the thread renews every 0.1 s
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    client = MlflowClient()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # this store, whatever URI was set before
     run_id = client.create_run(client.create_experiment("lease")).info.run_id
     lease = tracking.Lease(run_id)
+    lease.client = client
     in_flight = threading.Event()
 
     def set_tag(run, key, value):
@@ -450,7 +450,7 @@ def test_a_renewal_in_flight_never_outlives_the_release(tmp_path, monkeypatch, r
             in_flight.set()
             time.sleep(0.5)  # the release comes now, before this renewal's expiry
 
-    client_set_tag, lease.client.set_tag = lease.client.set_tag, set_tag
+    client_set_tag, client.set_tag = client.set_tag, set_tag
     lease.acquire()
     assert in_flight.wait(timeout=10), "the lease was never renewed"
     lease.release()
