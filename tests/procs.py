@@ -98,3 +98,8 @@ def stop_server(server) -> None:
     except ProcessLookupError:
         pass
     server.wait()
+
+
+def stopped(pid: int) -> bool:
+    """Whether the process is stopped (SIGSTOP): a fault spec's `STOP` has been reached."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")

@@ -26,6 +26,7 @@ from procs import (
     runs_of,
     start_server,
     stop_server,
+    stopped,
     store_env,
     trainer,
     wait_for_tag,
@@ -145,10 +146,6 @@ def test_sigterm_at_many_points_after_the_last_checkpoint_is_never_lost(data_dir
             proc, output = resume(run.info.run_id, env, "--data-dir", data_dir)
             assert proc.returncode == 0, output
         assert_complete(client, run.info.run_id, reference)
-
-
-def stopped(pid: int) -> bool:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
 
 
 def test_a_live_run_has_one_writer_and_a_dead_ones_run_is_resumable_at_once(data_dir, tmp_path, reference):
