@@ -64,6 +64,19 @@ def wait_for_tag(uri, key, value, timeout=300, experiment="reliability", exclude
     raise AssertionError(f"no run got {key} = {value} in {timeout} s")
 
 
+def wait_for_checkpoint(uri, timeout=300, experiment="reliability"):
+    """The first run still training with a checkpoint logged, of any epoch (on a fast CPU a smoke epoch
+    takes 0.3 s, about one poll: waiting for one named epoch's checkpoint could miss it)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        _, runs = runs_of(uri, experiment)
+        for run in runs:
+            if "last_checkpoint" in run.data.tags and run.info.status == "RUNNING":
+                return run
+        time.sleep(0.1)
+    raise AssertionError(f"no run logged a checkpoint in {timeout} s")
+
+
 def models_of(client, run):
     source = f"source_run_id = '{run.info.run_id}'"
     return client.search_logged_models([run.info.experiment_id], filter_string=source)

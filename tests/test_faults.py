@@ -29,6 +29,7 @@ from procs import (
     stopped,
     store_env,
     trainer,
+    wait_for_checkpoint,
     wait_for_tag,
 )
 
@@ -219,9 +220,9 @@ def test_a_full_disk_fails_in_one_line_and_the_run_resumes_once_there_is_room(da
     uri = f"sqlite:///{small_disk / 'mlflow.db'}"
     env = store_env(uri)
     proc = trainer("train", *SMOKE, *EPOCHS, "--data-dir", data_dir, env=env)
-    run = wait_for_tag(uri, "last_checkpoint", "checkpoints/epoch_001.pt")
+    run = wait_for_checkpoint(uri)
     filler = small_disk / "filler"
-    with open(filler, "wb") as f:  # the rest of the disk, before epoch 2 is committed
+    with open(filler, "wb") as f:  # the rest of the disk, while the run goes on
         stat = os.statvfs(small_disk)
         os.posix_fallocate(f.fileno(), 0, stat.f_bavail * stat.f_frsize)
     output = finish(proc)
@@ -241,9 +242,9 @@ def test_a_tracking_server_killed_and_restarted_mid_run(data_dir, tmp_path, refe
     env = store_env(uri)
     try:
         proc = trainer("train", *SMOKE, *EPOCHS, "--data-dir", data_dir, env=env)
-        wait_for_tag(uri, "last_checkpoint", "checkpoints/epoch_001.pt")
+        wait_for_checkpoint(uri)
         stop_server(server)
-        time.sleep(8)  # epoch 2 ends while the server is down
+        time.sleep(8)  # the run goes on (and ends) while the server is down
         server = start_server(tmp_path, port)
         output = finish(proc)
         assert proc.returncode == 0, output
@@ -270,7 +271,7 @@ def test_sigkill_takes_the_dataloader_workers_with_it(data_dir, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["--model", "step5", "--subset", "4000", "--epochs", "3", "--workers", "2", "--data-dir", data_dir]
     proc = trainer("train", *args, env=store_env(uri))
-    wait_for_tag(uri, "last_checkpoint", "checkpoints/epoch_001.pt")
+    wait_for_checkpoint(uri)
     workers = children(proc.pid)
     assert len(workers) >= 2, workers
     proc.kill()
@@ -402,7 +403,7 @@ def test_an_interrupted_training_exits_130_or_143(data_dir, tmp_path, sig, code)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # 15 epochs, so that the signal lands in training, not after it (2 smoke epochs could end first)
     proc = trainer("train", *SMOKE, "--epochs", "15", "--data-dir", data_dir, env=store_env(uri))
-    wait_for_tag(uri, "last_checkpoint", "checkpoints/epoch_001.pt")
+    wait_for_checkpoint(uri)
     proc.send_signal(sig)
     output = finish(proc)
     assert proc.returncode == code and "Traceback" not in output, output
