@@ -52,29 +52,33 @@ def per_epoch(client, run_id):
     }
 
 
-def wait_for_tag(uri, key, value, timeout=300, experiment="reliability", exclude_finished=False):
-    """The first run whose tag `key` equals `value` (and, with exclude_finished, that has not finished)."""
+def wait_for_run(uri, matches, what: str, timeout=300, experiment="reliability"):
+    """The first run for which `matches(run)` holds, polled every 0.1 s."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         _, runs = runs_of(uri, experiment)
         for run in runs:
-            if run.data.tags.get(key) == value and not (exclude_finished and run.info.status == "FINISHED"):
+            if matches(run):
                 return run
         time.sleep(0.1)
-    raise AssertionError(f"no run got {key} = {value} in {timeout} s")
+    raise AssertionError(f"no run {what} in {timeout} s")
 
 
-def wait_for_checkpoint(uri, timeout=300, experiment="reliability"):
+def wait_for_tag(uri, key, value, exclude_finished=False):
+    """The first run whose tag `key` equals `value` (and, with exclude_finished, that has not finished)."""
+    return wait_for_run(
+        uri,
+        lambda run: run.data.tags.get(key) == value and not (exclude_finished and run.info.status == "FINISHED"),
+        f"got {key} = {value}",
+    )
+
+
+def wait_for_checkpoint(uri):
     """The first run still training with a checkpoint logged, of any epoch (on a fast CPU a smoke epoch
     takes 0.3 s, about one poll: waiting for one named epoch's checkpoint could miss it)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        _, runs = runs_of(uri, experiment)
-        for run in runs:
-            if "last_checkpoint" in run.data.tags and run.info.status == "RUNNING":
-                return run
-        time.sleep(0.1)
-    raise AssertionError(f"no run logged a checkpoint in {timeout} s")
+    return wait_for_run(
+        uri, lambda run: "last_checkpoint" in run.data.tags and run.info.status == "RUNNING", "logged a checkpoint"
+    )
 
 
 def models_of(client, run):
